@@ -1,0 +1,25 @@
+"""Gradient estimators for discrete and structured latent variables (see :mod:`lvzoo.estimators.base`)."""
+
+from lvzoo.estimators.base import (
+    Estimator,
+    EstimatorConfig,
+    EstimatorResult,
+    IncompatibleSpaceError,
+    LossFn,
+    SparseDistribution,
+    marginalize,
+)
+from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
+
+__all__ = [
+    "BitVector",
+    "Categorical",
+    "Estimator",
+    "EstimatorConfig",
+    "EstimatorResult",
+    "IncompatibleSpaceError",
+    "LatentSpace",
+    "LossFn",
+    "SparseDistribution",
+    "marginalize",
+]

@@ -1,0 +1,176 @@
+"""The estimator protocol: scores in, a typed :class:`EstimatorResult` out.
+
+Shapes: ``B`` examples, latent rows of width ``N = space.size`` (K for categorical, D for bit vectors),
+``R`` decoder rows evaluated in one step.
+
+The downstream loss is a ``LossFn``: ``loss_fn(z_rows [R, N], example_index [R]) -> loss [R]``. Every estimator
+calls it **once per step** with all the (example, assignment) rows it needs and segment-sums the weighted results
+back to the ``B`` examples.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
+
+
+class LossFn(Protocol):
+    """Per-row downstream loss: ``(z_rows [R, N], example_index [R] long) -> loss [R]``."""
+
+    def __call__(self, z_rows: Tensor, example_index: Tensor) -> Tensor: ...
+
+
+class IncompatibleSpaceError(ValueError):
+    """An estimator was constructed for a latent space it does not support."""
+
+
+@attrs.frozen
+class EstimatorConfig:
+    """Base of every estimator's frozen, validated hyper-parameters."""
+
+
+@attrs.frozen
+class EstimatorResult:
+    """What one estimator step returns (all tensors on the scores' device; no host sync needed).
+
+    - ``surrogate`` ``[B]``: backpropagate ``surrogate.mean()`` (plus any regularizer) to get the estimator's
+      gradient of the expected loss w.r.t. the encoder scores and the decoder parameters. Its value is not
+      necessarily the objective.
+    - ``objective`` ``[B]`` (detached): exact ``E_pi[loss]`` for marginalization, a Monte-Carlo estimate otherwise.
+    - ``entropy`` ``[B]`` (differentiable): entropy of the encoder distribution pi(z|x).
+    - ``support`` ``[B]`` (long): decoder rows evaluated for each example.
+    - ``logs``: extra scalar tensors (temperature, baseline value, ...).
+    """
+
+    surrogate: Tensor
+    objective: Tensor
+    entropy: Tensor
+    support: Tensor
+    logs: Mapping[str, Tensor] = attrs.field(factory=dict)
+
+
+C = TypeVar("C", bound=EstimatorConfig)
+
+
+class Estimator(nn.Module, Generic[C], abc.ABC):
+    """Base class of all estimators (built-in and third-party).
+
+    Subclasses set ``config_class`` (a frozen attrs class deriving from :class:`EstimatorConfig`) and
+    ``supported_spaces`` and implement :meth:`forward`. Construction refuses unsupported latent spaces.
+    ``input_dim`` is the flattened width of the encoder input, used by learned baselines (NVIL).
+    """
+
+    config_class: ClassVar[type[EstimatorConfig]] = EstimatorConfig
+    supported_spaces: ClassVar[tuple[type[Categorical] | type[BitVector], ...]] = (Categorical, BitVector)
+
+    def __init__(self, space: LatentSpace, config: C | None = None, *, input_dim: int | None = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(space, self.supported_spaces):
+            accepted = ", ".join(s.__name__ for s in self.supported_spaces)
+            raise IncompatibleSpaceError(
+                f"estimator {name} does not support latent space {space!r}; it supports: {accepted}"
+            )
+        if config is None:
+            config = self.config_class()  # type: ignore[assignment]
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{name} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.space: LatentSpace = space
+        self.config: C = config  # type: ignore[assignment]
+        self.input_dim = input_dim
+
+    @abc.abstractmethod
+    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
+        """Estimate ``E_{pi(z|scores)}[loss_fn(z)]`` for scores ``[B, N]``; see :class:`EstimatorResult`."""
+
+    def __call__(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
+        result: EstimatorResult = super().__call__(scores, loss_fn, encoder_input)
+        return result
+
+    def check_scores(self, scores: Tensor) -> None:
+        """Raise a clear error unless ``scores`` is ``[B, space.size]``."""
+        if scores.dim() != 2 or scores.shape[1] != self.space.size:
+            raise ValueError(
+                f"{type(self).__name__} expects scores of shape [B, {self.space.size}] for {self.space!r}, "
+                f"got {tuple(scores.shape)}"
+            )
+
+
+def evaluate_rows(loss_fn: LossFn, z_rows: Tensor, example_index: Tensor) -> Tensor:
+    """Call ``loss_fn`` once on ``z_rows [R, N]`` and check it returns one loss per row ``[R]``."""
+    losses = loss_fn(z_rows, example_index)
+    if losses.shape != (z_rows.shape[0],):
+        raise ValueError(
+            f"loss_fn must return one loss per row, shape ({z_rows.shape[0]},), got {tuple(losses.shape)}"
+        )
+    return losses
+
+
+def segment_sum(values: Tensor, example_index: Tensor, num_examples: int) -> Tensor:
+    """Sum ``values [R]`` into ``[num_examples]`` by ``example_index [R]`` (differentiable)."""
+    out = values.new_zeros(num_examples)
+    return out.index_add(0, example_index, values)
+
+
+@attrs.frozen
+class SparseDistribution:
+    """A distribution given by its nonzero rows only.
+
+    ``z_rows [R, N]`` assignments, ``example_index [R]`` long (non-decreasing), ``probs [R] > 0``
+    (differentiable w.r.t. the scores), over ``num_examples`` examples; each example's probs sum to 1.
+    """
+
+    z_rows: Tensor
+    example_index: Tensor
+    probs: Tensor
+    num_examples: int
+
+
+def marginalize(dist: SparseDistribution, loss_fn: LossFn, logs: Mapping[str, Tensor] | None = None) -> EstimatorResult:
+    """Exact expectation of ``loss_fn`` under a sparse distribution: one loss call on its R support rows.
+
+    The surrogate ``sum_z pi(z) loss(z)`` is the exact expected loss, so its gradient is exact w.r.t. both
+    the decoder (through ``loss``) and the encoder (through ``probs``).
+    """
+    losses = evaluate_rows(loss_fn, dist.z_rows, dist.example_index)
+    expected = segment_sum(dist.probs * losses, dist.example_index, dist.num_examples)
+    plogp = dist.probs * torch.log(dist.probs.clamp_min(torch.finfo(dist.probs.dtype).tiny))
+    entropy = -segment_sum(plogp, dist.example_index, dist.num_examples)
+    support = torch.bincount(dist.example_index, minlength=dist.num_examples)
+    return EstimatorResult(
+        surrogate=expected,
+        objective=expected.detach(),
+        entropy=entropy,
+        support=support,
+        logs=dict(logs or {}),
+    )
+
+
+def dense_to_sparse(probs: Tensor, space: LatentSpace) -> SparseDistribution:
+    """Keep the nonzero entries of categorical probabilities ``[B, K]`` as a :class:`SparseDistribution`."""
+    if not isinstance(space, Categorical):
+        raise IncompatibleSpaceError(f"dense_to_sparse needs a Categorical space, got {space!r}")
+    example_index, category = torch.nonzero(probs > 0, as_tuple=True)
+    eye = torch.eye(space.K, dtype=probs.dtype, device=probs.device)
+    return SparseDistribution(
+        z_rows=eye[category],
+        example_index=example_index,
+        probs=probs[example_index, category],
+        num_examples=probs.shape[0],
+    )
+
+
+def describe_config(config_class: type[Any]) -> list[tuple[str, str, Any]]:
+    """``(name, type, default)`` for each field of an attrs config class (for ``runner list``)."""
+    rows: list[tuple[str, str, Any]] = []
+    for field in attrs.fields(config_class):
+        type_name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        rows.append((field.name, str(type_name), field.default))
+    return rows

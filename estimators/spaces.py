@@ -1,0 +1,77 @@
+"""Latent spaces. An assignment of any latent space is a dense float row of ``space.size`` entries:
+a one-hot row of size K for :class:`Categorical`, a row of D bits for :class:`BitVector`."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Union
+
+import attrs
+import torch
+from torch import Tensor
+
+#: Largest bit-vector dimension that :meth:`BitVector.enumerate` will list (2**20 rows).
+MAX_ENUMERABLE_BITS = 20
+
+
+def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be a positive int, got {value!r}")
+
+
+@attrs.frozen
+class Categorical:
+    """A single categorical variable with ``K`` classes; assignments are one-hot rows ``[K]``."""
+
+    K: int = attrs.field(validator=_positive)
+
+    @property
+    def size(self) -> int:
+        """Width of an assignment row."""
+        return self.K
+
+    def enumerate(self) -> Tensor:
+        """All assignments, ``[K, K]`` (the identity)."""
+        return torch.eye(self.K)
+
+
+@attrs.frozen
+class BitVector:
+    """``D`` binary variables, optionally with at most ``budget`` bits on; assignments are rows ``[D]`` of 0/1."""
+
+    D: int = attrs.field(validator=_positive)
+    budget: int | None = attrs.field(default=None)
+
+    @budget.validator
+    def _check_budget(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= self.D:
+            raise ValueError(f"budget must be an int in [1, D={self.D}] or None, got {value!r}")
+
+    @property
+    def size(self) -> int:
+        """Width of an assignment row."""
+        return self.D
+
+    def num_assignments(self) -> int:
+        """Number of feasible assignments (2**D, or sum_{j<=budget} C(D, j))."""
+        if self.budget is None:
+            return 2**self.D
+        from math import comb
+
+        return sum(comb(self.D, j) for j in range(self.budget + 1))
+
+    def enumerate(self) -> Tensor:
+        """All feasible assignments, ``[N, D]`` (refused for D > MAX_ENUMERABLE_BITS)."""
+        if self.D > MAX_ENUMERABLE_BITS:
+            raise ValueError(
+                f"cannot enumerate a BitVector with D={self.D}; at most D={MAX_ENUMERABLE_BITS} is enumerable"
+            )
+        rows = torch.tensor(list(itertools.product((0.0, 1.0), repeat=self.D)))
+        if self.budget is not None:
+            rows = rows[rows.sum(-1) <= self.budget]
+        return rows
+
+
+LatentSpace = Union[Categorical, BitVector]
