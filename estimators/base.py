@@ -83,7 +83,7 @@ class Estimator(nn.Module, Generic[C], abc.ABC):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{name} expects a {self.config_class.__name__}, got {type(config).__name__}")
         self.space: LatentSpace = space
-        self.config: C = config  # type: ignore[assignment]
+        self.config: C = config
         self.input_dim = input_dim
 
     @abc.abstractmethod

@@ -4,6 +4,7 @@ a one-hot row of size K for :class:`Categorical`, a row of D bits for :class:`Bi
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Union
 
 import attrs
@@ -57,10 +58,8 @@ class BitVector:
     def num_assignments(self) -> int:
         """Number of feasible assignments (2**D, or sum_{j<=budget} C(D, j))."""
         if self.budget is None:
-            return 2**self.D
-        from math import comb
-
-        return sum(comb(self.D, j) for j in range(self.budget + 1))
+            return int(2**self.D)
+        return sum(math.comb(self.D, j) for j in range(self.budget + 1))
 
     def enumerate(self) -> Tensor:
         """All feasible assignments, ``[N, D]`` (refused for D > MAX_ENUMERABLE_BITS)."""
