@@ -1,0 +1,237 @@
+"""The encoder distribution pi(z | scores) of the sampling estimators (SFE family, Gumbel family).
+
+Two factorial latent spaces are supported, each by one :class:`EncoderDistribution`:
+
+- ``Categorical(K)``: ``pi = softmax(scores)``; assignments are one-hot rows ``[K]``.
+- ``BitVector(D)`` without budget: independent ``Bernoulli(sigmoid(t_i))``; assignments are bit rows ``[D]``.
+  With a budget the Gibbs distribution is not a product of Bernoullis, so :func:`require_factorial_space`
+  refuses it.
+
+Randomness: every sampler takes ``generator``, a ``torch.Generator`` on the scores' device, or ``None`` for the
+default generator of that device (so ``torch.manual_seed`` makes the draws reproducible). Samples are drawn from
+uniform noise with the Gumbel-max trick (categorical) or logistic noise (bits), so hard samples, relaxed samples
+and the argmax/threshold of a relaxed sample all follow ``pi`` exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TypeVar
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lvzoo.estimators.base import Estimator, EstimatorConfig, IncompatibleSpaceError
+from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
+
+
+def positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    """attrs validator: ``value`` is an int >= 1 (the error names the field and the value)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def require_factorial_space(space: LatentSpace, estimator_name: str) -> None:
+    """Refuse latent spaces whose Gibbs distribution is not factorial (a :class:`BitVector` with a budget)."""
+    if isinstance(space, BitVector) and space.budget is not None:
+        raise IncompatibleSpaceError(
+            f"{estimator_name} samples from independent Bernoullis, but {space!r} has budget={space.budget}: "
+            "the Gibbs distribution restricted to ||z||_1 <= budget is not factorial. Use BitVector(D) without a "
+            "budget, or a structured estimator (e.g. sparsemap) for budgeted bit vectors"
+        )
+
+
+def _uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform noise in ``(0, 1)`` with the shape, dtype and device of ``like`` (never exactly 0)."""
+    u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    return u.clamp_min(torch.finfo(like.dtype).tiny)
+
+
+def _gumbel(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel noise shaped like ``like``."""
+    return -torch.log(-torch.log(_uniform(like, generator)))
+
+
+def _logistic(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard logistic noise shaped like ``like``."""
+    u = _uniform(like, generator)
+    return torch.log(u) - torch.log1p(-u)
+
+
+@attrs.frozen
+class TopKSplit:
+    """The k most probable assignments and one draw from the remaining mass (for Sum&Sample).
+
+    ``top_rows [B, k, N]``, their differentiable log-probabilities ``top_log_probs [B, k]``,
+    ``complement_log_mass [B]`` = log(1 - sum of the top probabilities) (detached), and
+    ``complement_sample [B, N]``: one assignment drawn from pi restricted to the complement and renormalised.
+    """
+
+    top_rows: Tensor
+    top_log_probs: Tensor
+    complement_log_mass: Tensor
+    complement_sample: Tensor
+
+
+class EncoderDistribution(abc.ABC):
+    """``pi(z | scores)`` for scores ``[B, N]``; hard samples are detached float rows ``[B, N]``."""
+
+    def __init__(self, scores: Tensor) -> None:
+        self.scores = scores
+
+    @abc.abstractmethod
+    def sample(self, generator: torch.Generator | None) -> Tensor:
+        """One exact sample per example, ``[B, N]`` (no gradient)."""
+
+    @abc.abstractmethod
+    def log_prob(self, z_rows: Tensor) -> Tensor:
+        """``log pi(z_b)`` for hard rows ``z_rows [B, N]``, ``[B]``, differentiable w.r.t. the scores."""
+
+    @abc.abstractmethod
+    def entropy(self) -> Tensor:
+        """Analytic entropy of pi, ``[B]``, differentiable."""
+
+    @abc.abstractmethod
+    def relaxed_sample(self, temperature: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Reparameterised relaxed sample at ``temperature`` (scalar tensor), ``[B, N]``, differentiable."""
+
+    @abc.abstractmethod
+    def harden(self, relaxed: Tensor) -> Tensor:
+        """The hard assignment a relaxed sample ``[B, N]`` rounds to (argmax / threshold 0.5), ``[B, N]``."""
+
+    @abc.abstractmethod
+    def top_k_split(self, k: int, generator: torch.Generator | None) -> TopKSplit:
+        """The ``k`` most probable assignments and a draw from the rest; see :class:`TopKSplit`."""
+
+
+class CategoricalDistribution(EncoderDistribution):
+    """``pi = softmax(scores)`` over ``K`` classes; assignments are one-hot rows."""
+
+    def __init__(self, scores: Tensor) -> None:
+        super().__init__(scores)
+        self.log_probs = torch.log_softmax(scores, dim=-1)
+
+    def _one_hot(self, index: Tensor) -> Tensor:
+        return F.one_hot(index, self.scores.shape[-1]).to(self.scores.dtype)
+
+    def sample(self, generator: torch.Generator | None) -> Tensor:
+        logits = self.scores.detach()
+        return self._one_hot((logits + _gumbel(logits, generator)).argmax(-1))
+
+    def log_prob(self, z_rows: Tensor) -> Tensor:
+        return (z_rows * self.log_probs).sum(-1)
+
+    def entropy(self) -> Tensor:
+        return -(self.log_probs.exp() * self.log_probs).sum(-1)
+
+    def relaxed_sample(self, temperature: Tensor, generator: torch.Generator | None) -> Tensor:
+        noise = _gumbel(self.scores.detach(), generator)
+        return torch.softmax((self.scores + noise) / temperature, dim=-1)
+
+    def harden(self, relaxed: Tensor) -> Tensor:
+        return self._one_hot(relaxed.detach().argmax(-1))
+
+    def top_k_split(self, k: int, generator: torch.Generator | None) -> TopKSplit:
+        logits = self.scores.detach()
+        top_index = logits.topk(k, dim=-1).indices
+        rest = logits.scatter(-1, top_index, float("-inf"))
+        complement_log_mass = torch.logsumexp(rest, -1) - torch.logsumexp(logits, -1)
+        drawn = (rest + _gumbel(rest, generator)).argmax(-1)
+        return TopKSplit(
+            top_rows=self._one_hot(top_index),
+            top_log_probs=self.log_probs.gather(-1, top_index),
+            complement_log_mass=complement_log_mass,
+            complement_sample=self._one_hot(drawn),
+        )
+
+
+class BernoulliDistribution(EncoderDistribution):
+    """Independent ``Bernoulli(sigmoid(t_i))`` over ``D`` bits; assignments are 0/1 rows."""
+
+    def sample(self, generator: torch.Generator | None) -> Tensor:
+        logits = self.scores.detach()
+        return (logits + _logistic(logits, generator) > 0).to(logits.dtype)
+
+    def log_prob(self, z_rows: Tensor) -> Tensor:
+        t = self.scores
+        return (z_rows * F.logsigmoid(t) + (1 - z_rows) * F.logsigmoid(-t)).sum(-1)
+
+    def entropy(self) -> Tensor:
+        t = self.scores
+        p = torch.sigmoid(t)
+        return (p * F.softplus(-t) + (1 - p) * F.softplus(t)).sum(-1)
+
+    def relaxed_sample(self, temperature: Tensor, generator: torch.Generator | None) -> Tensor:
+        noise = _logistic(self.scores.detach(), generator)
+        return torch.sigmoid((self.scores + noise) / temperature)
+
+    def harden(self, relaxed: Tensor) -> Tensor:
+        return (relaxed.detach() > 0.5).to(relaxed.dtype)
+
+    def top_k_split(self, k: int, generator: torch.Generator | None) -> TopKSplit:
+        """Top-1 only: the MAP ``m`` (bit i on iff t_i >= 0) and an exact draw from pi given ``z != m``.
+
+        The draw needs no rejection: the first bit ``J`` where ``z`` differs from ``m`` has
+        ``P(J = i | z != m) ∝ prod_{j<i} q_j * (1 - q_i)`` with ``q_i = P(z_i = m_i)``; bits before ``J`` copy
+        ``m``, bit ``J`` flips it and later bits are drawn independently from pi.
+        """
+        if k != 1:
+            raise ValueError(f"Sum&Sample on bit vectors supports top_k=1 (the MAP) only, got top_k={k}")
+        t = self.scores
+        logits = t.detach()
+        map_bits = (logits >= 0).to(logits.dtype)
+        log_match = F.logsigmoid(t.abs())  # log q_i, differentiable
+        top_log_prob = log_match.sum(-1)
+        detached_match = log_match.detach()
+        before = torch.cumsum(detached_match, -1) - detached_match
+        first_mismatch_logits = before + F.logsigmoid(-logits.abs())
+        first_mismatch = (first_mismatch_logits + _gumbel(first_mismatch_logits, generator)).argmax(-1)
+        position = torch.arange(logits.shape[-1], device=logits.device)
+        cut = first_mismatch.unsqueeze(-1)
+        fresh = self.sample(generator)
+        drawn = torch.where(position < cut, map_bits, torch.where(position == cut, 1 - map_bits, fresh))
+        complement_log_mass = torch.log(-torch.expm1(top_log_prob.detach()))
+        return TopKSplit(
+            top_rows=map_bits.unsqueeze(1),
+            top_log_probs=top_log_prob.unsqueeze(1),
+            complement_log_mass=complement_log_mass,
+            complement_sample=drawn,
+        )
+
+
+def encoder_distribution(space: LatentSpace, scores: Tensor) -> EncoderDistribution:
+    """The encoder distribution of ``space`` for scores ``[B, space.size]``."""
+    if isinstance(space, Categorical):
+        return CategoricalDistribution(scores)
+    require_factorial_space(space, "encoder_distribution")
+    return BernoulliDistribution(scores)
+
+
+C = TypeVar("C", bound=EstimatorConfig)
+
+
+class SamplingEstimator(Estimator[C]):
+    """Base of the sampling estimators: refuses budgeted bit vectors and keeps the random generator.
+
+    ``generator`` (optional, on the scores' device) drives every draw; ``None`` uses the device's default
+    generator. It can also be assigned later as ``estimator.generator``.
+    """
+
+    def __init__(
+        self,
+        space: LatentSpace,
+        config: C | None = None,
+        *,
+        input_dim: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(space, config, input_dim=input_dim)
+        require_factorial_space(space, type(self).__name__)
+        self.generator = generator
+
+    def distribution(self, scores: Tensor) -> EncoderDistribution:
+        """Check ``scores [B, N]`` and wrap them in this space's encoder distribution."""
+        self.check_scores(scores)
+        return encoder_distribution(self.space, scores)
