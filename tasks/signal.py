@@ -1,0 +1,264 @@
+"""The referential signalling game (paper Sec. 3.2: Lazaridou et al. 2017 with the Havrylov & Titov changes).
+
+The sender sees the target image's features and emits one symbol ``z ~ pi(z | target)`` out of ``vocab_size``
+(``Categorical(vocab_size)``); the receiver sees ``num_candidates`` images and ``z`` and must point at the target.
+Loss ``l = -log p(target | candidates, z)``; train loss ``mean(surrogate) - entropy_coef * mean(entropy)``.
+
+Data (:mod:`lvzoo.tasks.signal_data`): training games are drawn fresh every epoch from the train images with the
+runner's generator (``games_per_epoch``, default 100 batches of 64 as in the paper's code); validation is
+``VAL_GAMES`` games from the train images with a fixed seed (as in the paper's code), test ``TEST_GAMES`` games
+from the test images with a fixed seed. ``train_limit`` caps the games per epoch, ``eval_limit`` the val/test games.
+
+Evaluation: ``success`` is the fraction of games where the receiver's argmax is the target when the sender sends
+the argmax of its scores; ``loss`` the mean estimator objective (the exact expected loss for marginalization, a
+Monte-Carlo estimate otherwise); ``support_mean`` the decoder calls per game; ``entropy`` the mean entropy of
+pi; for exact marginalization estimators also ``expected_success``, the exact ``E_pi[receiver argmax == target]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from lvzoo.estimators.base import Estimator
+from lvzoo.estimators.marginal import MarginalEstimator
+from lvzoo.estimators.spaces import Categorical, LatentSpace
+from lvzoo.models.signal import SignalGameModel
+from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
+from lvzoo.tasks.signal_data import MNIST_FASHION, ConceptImages, Games, draw_games, load_concept_images
+
+#: Validation games (fixed seed, train images) and test games (fixed seed, test images), as in the paper's code.
+VAL_GAMES = 1024
+TEST_GAMES = 10000 // 64 * 64
+VAL_SEED = 20200724
+TEST_SEED = 20200725
+
+#: (lr, entropy_coef) per estimator (paper code scripts); others get ``DEFAULT_SETTINGS``.
+PAPER_SETTINGS: dict[str, tuple[float, float]] = {
+    "sfe": (1e-3, 0.05),
+    "sfe+": (1e-3, 0.05),
+    "nvil": (1e-3, 0.1),
+    "gumbel": (1e-3, 0.01),
+    "stgumbel": (1e-3, 0.01),
+    "softmax": (1e-3, 0.1),
+    "sparsemax": (5e-3, 0.1),
+}
+DEFAULT_SETTINGS = (1e-3, 0.1)
+GUMBEL_SCHEDULE: dict[str, Any] = {"decay_rate": 1e-5, "update_every": 1000}
+
+
+def _int_at_least(minimum: int) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{attribute.name} must be an int >= {minimum}, got {value!r}")
+
+    return check
+
+
+def _positive_finite(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+def _feature_source(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"{attribute.name} must be {MNIST_FASHION!r} or a path to a feature directory "
+            f"(train/ and test/ with the h5 + pickle files), got {value!r}"
+        )
+
+
+@attrs.frozen
+class SignalGameConfig(TaskConfig):
+    """Game and architecture sizes (paper defaults); ``features`` is ``"mnist-fashion"`` or a feature directory."""
+
+    features: str = attrs.field(default=MNIST_FASHION, validator=_feature_source)
+    num_candidates: int = attrs.field(default=16, validator=_int_at_least(2))
+    vocab_size: int = attrs.field(default=256, validator=_int_at_least(2))
+    hidden_size: int = attrs.field(default=512, validator=_int_at_least(1))
+    embedding_size: int = attrs.field(default=256, validator=_int_at_least(1))
+    sender_temperature: float = attrs.field(default=10.0, validator=_positive_finite)
+    games_per_epoch: int = attrs.field(default=100 * 64, validator=_int_at_least(1))
+
+
+@attrs.frozen
+class GameBatch:
+    """Games on the device: candidate features ``[B, C, F]`` and target positions ``[B]``."""
+
+    candidates: Tensor
+    target: Tensor
+
+    def target_features(self) -> Tensor:
+        """The sender's input, the target's features ``[B, F]``."""
+        rows = torch.arange(self.target.shape[0], device=self.target.device)
+        return self.candidates[rows, self.target]
+
+
+@attrs.frozen
+class GameSplits:
+    """Train and test images (on the device) and the fixed validation / test games."""
+
+    train_images: ConceptImages
+    test_images: ConceptImages
+    val_games: Games
+    test_games: Games
+
+
+class SignalGameTask(Task[SignalGameConfig]):
+    """The signalling game; see the module docstring. Data is loaded on first use."""
+
+    config_class: ClassVar[type[TaskConfig]] = SignalGameConfig
+    default_epochs: ClassVar[int] = 500
+
+    def __init__(
+        self, config: SignalGameConfig, estimator_name: str, data_dir: Path | None, device: torch.device
+    ) -> None:
+        super().__init__(config, estimator_name, data_dir, device)
+        self._splits: GameSplits | None = None
+
+    def splits(self) -> GameSplits:
+        """Train/test images on the device and the fixed val/test games (loaded once)."""
+        if self._splits is None:
+            config = self.config
+            train = load_concept_images(config.features, "train", self.data_dir).to(self.device)
+            test = load_concept_images(config.features, "test", self.data_dir).to(self.device)
+            if train.feature_dim != test.feature_dim:
+                raise ValueError(f"train features have width {train.feature_dim}, test features {test.feature_dim}")
+            val_count = min(VAL_GAMES, config.eval_limit or VAL_GAMES)
+            test_count = min(TEST_GAMES, config.eval_limit or TEST_GAMES)
+            self._splits = GameSplits(
+                train_images=train,
+                test_images=test,
+                val_games=self._fixed_games(train, val_count, VAL_SEED),
+                test_games=self._fixed_games(test, test_count, TEST_SEED),
+            )
+        return self._splits
+
+    def _fixed_games(self, images: ConceptImages, count: int, seed: int) -> Games:
+        generator = torch.Generator().manual_seed(seed)
+        return draw_games(images.concepts.cpu(), count, self.config.num_candidates, generator).to(self.device)
+
+    def latent_space(self) -> LatentSpace:
+        """``Categorical(vocab_size)``: one symbol."""
+        return Categorical(self.config.vocab_size)
+
+    def estimator_defaults(self) -> EstimatorDefaults:
+        """Paper lr / entropy coefficient of the estimator (batch 64; Gumbel: r = 1e-5 every 1000 steps)."""
+        lr, entropy_coef = PAPER_SETTINGS.get(self.estimator_name, DEFAULT_SETTINGS)
+        schedule = GUMBEL_SCHEDULE if self.estimator_name in ("gumbel", "stgumbel") else {}
+        return EstimatorDefaults(lr=lr, entropy_coef=entropy_coef, batch_size=64, estimator_config=dict(schedule))
+
+    def encoder_input_dim(self) -> int:
+        """The image feature width (784 for ``mnist-fashion``, 4096 for the paper's VGG features)."""
+        return self.splits().train_images.feature_dim
+
+    def build_model(self) -> nn.Module:
+        """A fresh :class:`SignalGameModel` with the configured sizes."""
+        config = self.config
+        return SignalGameModel(
+            feature_dim=self.encoder_input_dim(),
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            embedding_size=config.embedding_size,
+            sender_temperature=config.sender_temperature,
+        )
+
+    def _batch_size(self) -> int:
+        return self.config.batch_size or self.estimator_defaults().batch_size
+
+    def _entropy_coef(self) -> float:
+        coef = self.config.entropy_coef
+        return self.estimator_defaults().entropy_coef if coef is None else coef
+
+    def _train_games(self) -> int:
+        return min(self.config.games_per_epoch, self.config.train_limit or self.config.games_per_epoch)
+
+    def steps_per_epoch(self) -> int:
+        """``ceil(games per epoch / batch size)``."""
+        return -(-self._train_games() // self._batch_size())
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[GameBatch]:
+        """One epoch of freshly drawn training games (randomness from ``generator``), as :class:`GameBatch`."""
+        images = self.splits().train_images
+        games = draw_games(images.concepts, self._train_games(), self.config.num_candidates, generator)
+        yield from self._batches(images, games)
+
+    def _batches(self, images: ConceptImages, games: Games) -> Iterator[GameBatch]:
+        batch_size = self._batch_size()
+        for start in range(0, len(games), batch_size):
+            chunk = games.slice(start, start + batch_size)
+            yield GameBatch(candidates=images.lookup(chunk.candidates), target=chunk.target)
+
+    def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: GameBatch) -> StepOutput:
+        """Loss ``mean(surrogate) - entropy_coef * mean(entropy)``; metrics loss, success, support_mean, entropy."""
+        assert isinstance(model, SignalGameModel)
+        target_features = batch.target_features()
+        scores = model(target_features)
+        candidate_embeddings = model.receiver.embed_candidates(batch.candidates)
+        result = estimator(scores, model.game_loss(candidate_embeddings, batch.target), target_features)
+        entropy = result.entropy.mean()
+        loss = result.surrogate.mean() - self._entropy_coef() * entropy
+        with torch.no_grad():
+            success = model.greedy_success(scores, candidate_embeddings, batch.target).mean()
+        metrics = {
+            "loss": result.objective.mean(),
+            "success": success,
+            "support_mean": result.support.float().mean(),
+            "entropy": entropy.detach(),
+        }
+        return StepOutput(loss=loss, metrics=metrics, support=result.support)
+
+    def evaluate(
+        self, model: nn.Module, estimator: Estimator[Any], split: Literal["val", "test"], final: bool = False
+    ) -> dict[str, float]:
+        """Mean loss, greedy success, support_mean and entropy (+ expected_success for marginalization).
+
+        Runs model and estimator in eval mode (restored afterwards); ``final`` changes nothing for this task.
+        """
+        assert isinstance(model, SignalGameModel)
+        splits = self.splits()
+        images, games = (
+            (splits.train_images, splits.val_games) if split == "val" else (splits.test_images, splits.test_games)
+        )
+        exact = isinstance(estimator, MarginalEstimator)
+        modes = (model.training, estimator.training)
+        model.eval()
+        estimator.eval()
+        sums: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                for batch in self._batches(images, games):
+                    for name, values in self._eval_batch(model, estimator, batch, exact).items():
+                        sums[name] = sums.get(name, values.new_zeros(())) + values.sum()
+        finally:
+            model.train(modes[0])
+            estimator.train(modes[1])
+        return {name: float(total) / len(games) for name, total in sums.items()}
+
+    def _eval_batch(
+        self, model: SignalGameModel, estimator: Estimator[Any], batch: GameBatch, exact: bool
+    ) -> dict[str, Tensor]:
+        target_features = batch.target_features()
+        scores = model(target_features)
+        candidate_embeddings = model.receiver.embed_candidates(batch.candidates)
+        result = estimator(scores, model.game_loss(candidate_embeddings, batch.target), target_features)
+        values = {
+            "loss": result.objective,
+            "success": model.greedy_success(scores, candidate_embeddings, batch.target),
+            "support_mean": result.support.float(),
+            "entropy": result.entropy,
+        }
+        if exact:
+
+            def error_fn(z_rows: Tensor, example_index: Tensor) -> Tensor:
+                log_probs = model.receiver.candidate_log_probs(candidate_embeddings, z_rows, example_index)
+                return (log_probs.argmax(-1) != batch.target.index_select(0, example_index)).to(log_probs.dtype)
+
+            values["expected_success"] = 1.0 - estimator(scores, error_fn, target_features).objective
+        return values

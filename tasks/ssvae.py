@@ -1,0 +1,483 @@
+"""Semi-supervised VAE on MNIST (Kingma et al. 2014 M2; Correia et al. 2020, section 3.1 of PAPER_SETUP.md).
+
+Shapes: ``B_l`` labelled and ``B_u`` unlabelled images per step, ``P = 784`` pixels, ``K = 10`` classes,
+``R`` (image, class) rows evaluated by the decoder.
+
+**Data.** MNIST train is split into 5,000 labelled / 45,000 unlabelled / 10,000 validation images by the paper's
+split files (``<root>/ssvae-splits/*.npy``, read from the same data root as the MNIST files). Without them the
+split is a random permutation seeded by ``split_seed`` with the same proportions (1/12, 9/12, 2/12: exactly
+5,000 / 45,000 / 10,000 for 60,000 images). Test is the 10,000 MNIST test images. Images stay uint8 on the device
+and are binarized dynamically per batch (``P(pixel = 1) = value / 255``). ``train_limit`` keeps the first
+``train_limit`` training images (labelled + unlabelled together), in the same labelled/unlabelled proportion (at
+least one of each); ``eval_limit`` keeps the first ``eval_limit`` validation / test images.
+
+**Batches.** An epoch is one shuffled pass over the unlabelled set in batches of ``batch_size``; each unlabelled
+batch is paired with the next labelled batch of the same size from a shuffled labelled stream that restarts
+(reshuffled) whenever it is exhausted. With ``labelled_only`` (the warm start) an epoch is one pass over the
+labelled set and no unlabelled batch is drawn.
+
+**Loss of one step** (all per-example terms are averaged over their batch):
+
+- Labelled part, for an image ``x`` with known class ``y``::
+
+      labelled_loss = [-log p(x|y,h) + KL(q(h|x,y) || N(0,I)) + log K] + classification_loss(scores(x), y)
+
+  (the bracket is the -ELBO of ``log p(x, y)``, with ``h`` reparameterised; ``log K = -log p(y)`` is a constant).
+  ``classification_loss`` is the negative log-likelihood (cross-entropy of the softmax) or, when the estimator is
+  ``sparsemax`` (or ``classification_loss="sparsemax"``), the sparsemax loss of Martins & Astudillo (2016).
+- Unlabelled part: the estimator gets the classifier scores ``[B_u, K]`` and one ``loss_fn(z_rows [R, K],
+  example_index [R])`` returning ``ell(x, z) = -log p(x|z,h) + KL(q(h|x,z) || N(0,I))`` per row (``h``
+  reparameterised, ``x = x_u[example_index]``; only the rows the estimator asks for are evaluated). Since
+  ``-log p(z) = log K`` and ``E_pi[log pi] = -H(pi)``::
+
+      -ELBO(x)        = E_pi[ell(x, z)] + log K - H(pi)                 (metric ``neg_elbo``)
+      unlabelled_loss = surrogate + log K - entropy_coef * entropy      (what is backpropagated)
+
+  with ``surrogate``, ``entropy`` from the estimator's result; ``entropy_coef = 1`` is the ELBO. For the Gumbel
+  estimators (entropy of the discrete ``softmax(scores)``) the last two terms are ``KL(Cat(softmax) || uniform)``,
+  the paper's replacement of the KL term.
+- Total: ``loss = labelled_loss + (N_u / N_l) * unlabelled_loss`` with ``N_u``, ``N_l`` the sizes of the
+  unlabelled and labelled training sets (9 for the paper's split), as in the paper's code. With ``labelled_only``
+  the loss is ``labelled_loss``.
+
+**Evaluation** (``evaluate``): ``accuracy`` of the classifier's argmax; ``neg_elbo``, the -ELBO above with the
+*exact* expectation over the 10 classes: under the estimator's own distribution when it is a marginalization
+estimator (softmax / sparsemax / entmax15, evaluated with the estimator itself, which is exact), and under
+``softmax(scores)`` for the Monte-Carlo and relaxed estimators; ``decoder_calls``, the mean support of the
+estimator run in eval mode (the estimator's state is restored afterwards). Images are binarized and ``h`` is
+sampled (one reparameterised draw per row) from a generator seeded with ``eval_seed``, so repeated evaluations of
+the same model agree. ``final`` changes nothing: the test protocol is the same as validation.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+from entmax import sparsemax_loss
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn
+from lvzoo.estimators.marginal import MarginalEstimator, SoftmaxMarginal
+from lvzoo.estimators.spaces import Categorical
+from lvzoo.models.ssvae import IMAGE_PIXELS, SSVAEModel
+from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
+from lvzoo.tasks.data import binarize, find_root, load_images, load_ssvae_splits, minibatch_indices
+
+NUM_CLASSES = 10
+
+#: Learning rates chosen in the paper's scripts (PAPER_SETUP.md 3.1); other estimators use FALLBACK_LR.
+PAPER_LR: Mapping[str, float] = {
+    "sfe": 1e-4,
+    "sfe+": 1e-4,
+    "nvil": 1e-3,
+    "sumsample": 1e-3,
+    "gumbel": 1e-3,
+    "stgumbel": 1e-3,
+    "softmax": 1e-3,
+    "sparsemax": 5e-4,
+}
+FALLBACK_LR = 1e-3
+#: The warm start (``labelled_only``) uses lr 1e-3 for every estimator.
+WARM_START_LR = 1e-3
+#: Gumbel temperature schedule tau = max(0.5, exp(-decay_rate * t)), updated every ``update_every`` steps.
+GUMBEL_SCHEDULE: Mapping[str, Any] = {"decay_rate": 1e-4, "update_every": 1000}
+CLASSIFICATION_LOSSES = ("auto", "nll", "sparsemax")
+
+
+def _bool(instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be True or False, got {value!r}")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be an int >= 0, got {value!r}")
+
+
+def _optional_path(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{attribute.name} must be a non-empty path string or None, got {value!r}")
+
+
+def _classification_loss(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in CLASSIFICATION_LOSSES:
+        raise ValueError(f"{attribute.name} must be one of {', '.join(CLASSIFICATION_LOSSES)}, got {value!r}")
+
+
+@attrs.frozen
+class SSVAEConfig(TaskConfig):
+    """Semi-supervised VAE settings (see the module docstring).
+
+    ``labelled_only``: warm start, train on the labelled set only (paper: 100 epochs, lr 1e-3).
+    ``init_checkpoint``: weights to start from (a runner checkpoint with key ``"model"``, or a bare state_dict).
+    ``vae_layers``: hidden layers of the encoder and decoder (2 as in the paper's code; the text says 1).
+    ``classification_loss``: ``auto`` = sparsemax loss for the sparsemax estimator, NLL otherwise.
+    """
+
+    labelled_only: bool = attrs.field(default=False, validator=_bool)
+    init_checkpoint: str | None = attrs.field(default=None, validator=_optional_path)
+    latent_dim: int = attrs.field(default=8, validator=_positive)
+    classifier_hidden: int = attrs.field(default=256, validator=_positive)
+    classifier_layers: int = attrs.field(default=3, validator=_positive)
+    vae_hidden: int = attrs.field(default=128, validator=_positive)
+    vae_layers: int = attrs.field(default=2, validator=_positive)
+    classification_loss: str = attrs.field(default="auto", validator=_classification_loss)
+    split_seed: int = attrs.field(default=0, validator=_non_negative)
+    eval_batch_size: int = attrs.field(default=500, validator=_positive)
+    eval_seed: int = attrs.field(default=0, validator=_non_negative)
+
+
+@attrs.frozen
+class SSVAEBatch:
+    """Binarized images on the device: ``labelled_x [B_l, P]``, ``labels [B_l]`` and ``unlabelled_x [B_u, P]``
+    (``None`` in the labelled-only warm start)."""
+
+    labelled_x: Tensor
+    labels: Tensor
+    unlabelled_x: Tensor | None
+
+
+@attrs.frozen
+class SSVAEData:
+    """uint8 images ``[N, P]`` and int64 labels ``[N]`` of each split, on the task's device."""
+
+    labelled_images: Tensor
+    labelled_labels: Tensor
+    unlabelled_images: Tensor
+    val_images: Tensor
+    val_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+
+@attrs.frozen
+class LabelledTerms:
+    """Per-example labelled terms ``[B_l]``: the -ELBO of ``log p(x, y)`` and the classification loss;
+    ``scores [B_l, K]``."""
+
+    neg_elbo: Tensor
+    classification: Tensor
+    scores: Tensor
+
+
+@attrs.frozen
+class UnlabelledTerms:
+    """Per-example unlabelled terms ``[B_u]``: the trained ``loss`` and the (detached) ``neg_elbo``; the
+    estimator's ``result``."""
+
+    loss: Tensor
+    neg_elbo: Tensor
+    result: EstimatorResult
+
+
+def load_model_state(path: Path) -> Mapping[str, Tensor]:
+    """The model state_dict in ``path``: the ``"model"`` entry of a runner checkpoint, or a bare state_dict."""
+    if not path.is_file():
+        raise FileNotFoundError(f"init_checkpoint {str(path)!r} does not exist")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"init_checkpoint {str(path)!r} is not a weights-only torch checkpoint: {exc}") from exc
+    state = saved.get("model", saved) if isinstance(saved, Mapping) else saved
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"init_checkpoint {str(path)!r} holds neither a state_dict nor a checkpoint with a 'model' state_dict"
+        )
+    return state
+
+
+def split_indices(num_train: int, data_root: Path, split_seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(labelled, unlabelled, validation)`` indices into the training images (see the module docstring)."""
+    if (data_root / "ssvae-splits").is_dir():
+        splits = load_ssvae_splits(data_root)
+        if splits is not None:
+            largest = max(int(s.max()) for s in splits)
+            if largest >= num_train:
+                raise ValueError(
+                    f"{data_root / 'ssvae-splits'} indexes image {largest}, but the training set has {num_train}"
+                )
+            return splits
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(split_seed))
+    num_labelled, num_val = num_train // 12, num_train // 6
+    return order[:num_labelled], order[num_labelled + num_val :], order[num_labelled : num_labelled + num_val]
+
+
+class SSVAETask(Task[SSVAEConfig]):
+    """The M2 semi-supervised VAE on MNIST with a categorical class latent (``Categorical(10)``)."""
+
+    config_class = SSVAEConfig
+    default_epochs = 200
+
+    def __init__(self, config: SSVAEConfig, estimator_name: str, data_dir: Path | None, device: torch.device) -> None:
+        super().__init__(config, estimator_name, data_dir, device)
+        defaults = self.estimator_defaults()
+        self.batch_size = config.batch_size if config.batch_size is not None else defaults.batch_size
+        self.entropy_coef = config.entropy_coef if config.entropy_coef is not None else defaults.entropy_coef
+        self.use_sparsemax_loss = config.classification_loss == "sparsemax" or (
+            config.classification_loss == "auto" and estimator_name == "sparsemax"
+        )
+        self._data: SSVAEData | None = None
+
+    # ----------------------------------------------------------------------------------------------- interface
+    def latent_space(self) -> Categorical:
+        """``Categorical(10)``: the digit class."""
+        return Categorical(NUM_CLASSES)
+
+    def estimator_defaults(self) -> EstimatorDefaults:
+        """The paper's lr for the estimator (1e-3 for unlisted ones and for the warm start), batch 64,
+        entropy_coef 1 and, for Gumbel estimators, the temperature schedule."""
+        lr = WARM_START_LR if self.config.labelled_only else PAPER_LR.get(self.estimator_name, FALLBACK_LR)
+        estimator_config = dict(GUMBEL_SCHEDULE) if self.estimator_name in ("gumbel", "stgumbel") else {}
+        return EstimatorDefaults(lr=lr, entropy_coef=1.0, batch_size=64, estimator_config=estimator_config)
+
+    def encoder_input_dim(self) -> int:
+        """784: the flattened binary image."""
+        return IMAGE_PIXELS
+
+    def build_model(self) -> SSVAEModel:
+        """A fresh :class:`SSVAEModel`, loaded from ``init_checkpoint`` when one is configured."""
+        config = self.config
+        model = SSVAEModel(
+            num_classes=NUM_CLASSES,
+            latent_dim=config.latent_dim,
+            classifier_hidden=config.classifier_hidden,
+            classifier_layers=config.classifier_layers,
+            vae_hidden=config.vae_hidden,
+            vae_layers=config.vae_layers,
+        )
+        if config.init_checkpoint is not None:
+            path = Path(config.init_checkpoint)
+            try:
+                model.load_state_dict(load_model_state(path))
+            except RuntimeError as exc:  # missing / unexpected keys or shape mismatches
+                raise ValueError(
+                    f"init_checkpoint {str(path)!r} does not fit the ssvae model of this config: {exc}"
+                ) from exc
+        return model
+
+    @property
+    def data(self) -> SSVAEData:
+        """The splits, loaded on first use."""
+        if self._data is None:
+            self._data = self._load_data()
+        return self._data
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[SSVAEBatch]:
+        """One epoch (see the module docstring); indices shuffled with ``generator``, binarized on the device."""
+        data = self.data
+        num_labelled = data.labelled_labels.shape[0]
+        if self.config.labelled_only:
+            for index in minibatch_indices(num_labelled, self.batch_size, generator, self.device):
+                yield SSVAEBatch(binarize(data.labelled_images[index]), data.labelled_labels[index], None)
+            return
+        labelled_stream = self._cycle(num_labelled, generator)
+        for unlabelled_index in minibatch_indices(
+            data.unlabelled_images.shape[0], self.batch_size, generator, self.device
+        ):
+            index = next(labelled_stream)
+            yield SSVAEBatch(
+                labelled_x=binarize(data.labelled_images[index]),
+                labels=data.labelled_labels[index],
+                unlabelled_x=binarize(data.unlabelled_images[unlabelled_index]),
+            )
+
+    def steps_per_epoch(self) -> int:
+        """Unlabelled batches per epoch (labelled batches in the warm start)."""
+        data = self.data
+        count = data.labelled_labels.shape[0] if self.config.labelled_only else data.unlabelled_images.shape[0]
+        return math.ceil(count / self.batch_size)
+
+    def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: SSVAEBatch) -> StepOutput:
+        """The loss of the module docstring; ``support [B_u]`` is the estimator's (``[B_l]`` ones when labelled
+        only: one decoder call per labelled image)."""
+        ssvae = self._check_model(model)
+        labelled = self.labelled_terms(ssvae, batch.labelled_x, batch.labels)
+        labelled_loss = (labelled.neg_elbo + labelled.classification).mean()
+        accuracy = (labelled.scores.argmax(-1) == batch.labels).float().mean()
+        metrics: dict[str, Tensor] = {
+            "labelled_loss": labelled_loss.detach(),
+            "labelled_neg_elbo": labelled.neg_elbo.detach().mean(),
+            "classification_loss": labelled.classification.detach().mean(),
+            "accuracy": accuracy.detach(),
+        }
+        if batch.unlabelled_x is None:
+            support = torch.ones_like(batch.labels)
+            loss = labelled_loss
+        else:
+            unlabelled = self.unlabelled_terms(ssvae, estimator, batch.unlabelled_x)
+            support = unlabelled.result.support
+            loss = labelled_loss + self.unlabelled_weight() * unlabelled.loss.mean()
+            metrics["neg_elbo"] = unlabelled.neg_elbo.mean()
+            metrics["entropy"] = unlabelled.result.entropy.detach().mean()
+        metrics["loss"] = loss.detach()
+        metrics["support_mean"] = support.float().mean()
+        return StepOutput(loss=loss, metrics=metrics, support=support)
+
+    def evaluate(
+        self, model: nn.Module, estimator: Estimator[Any], split: Literal["val", "test"], final: bool = False
+    ) -> dict[str, float]:
+        """``accuracy``, exact ``neg_elbo`` and ``decoder_calls`` per example on ``split`` (module docstring)."""
+        ssvae = self._check_model(model)
+        data = self.data
+        if split == "val":
+            images, labels = data.val_images, data.val_labels
+        elif split == "test":
+            images, labels = data.test_images, data.test_labels
+        else:
+            raise ValueError(f"unknown split {split!r}; accepted: val, test")
+        exact: Estimator[Any] = (
+            estimator if isinstance(estimator, MarginalEstimator) else SoftmaxMarginal(self.latent_space())
+        )
+        generator = torch.Generator(device=self.device).manual_seed(self.config.eval_seed)
+        saved_state = {name: value.clone() for name, value in estimator.state_dict().items()}
+        was_training = (ssvae.training, estimator.training)
+        ssvae.eval()
+        estimator.eval()
+        correct = torch.zeros((), device=self.device)
+        neg_elbo = torch.zeros((), device=self.device)
+        decoder_calls = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for index in minibatch_indices(labels.shape[0], self.config.eval_batch_size, None, self.device):
+                x = binarize(images[index], generator)
+                scores = ssvae.classify(x)
+                correct += (scores.argmax(-1) == labels[index]).sum()
+                result = exact(scores, self.row_loss(ssvae, x, generator=generator), x)
+                neg_elbo += (result.objective + ssvae.log_num_classes() - result.entropy).sum()
+                if exact is not estimator:
+                    result = estimator(scores, self.row_loss(ssvae, x, generator=generator), x)
+                decoder_calls += result.support.sum()
+        estimator.load_state_dict(saved_state)
+        ssvae.train(was_training[0])
+        estimator.train(was_training[1])
+        count = labels.shape[0]
+        return {
+            "accuracy": float(correct) / count,
+            "neg_elbo": float(neg_elbo) / count,
+            "decoder_calls": float(decoder_calls) / count,
+        }
+
+    def save_artifacts(self, model: nn.Module, estimator: Estimator[Any], out_dir: Path) -> list[Path]:
+        """``ssvae_samples.png``: 8 validation images, their reconstructions (argmax class, mean ``h``) and, per
+        class, 8 samples of ``p(x | z, h)`` (pixel probabilities, ``h ~ N(0, I)``)."""
+        ssvae = self._check_model(model)
+        columns = 8
+        generator = torch.Generator(device=self.device).manual_seed(self.config.eval_seed)
+        with torch.no_grad():
+            x = binarize(self.data.val_images[:columns], generator)
+            z = F.one_hot(ssvae.classify(x).argmax(-1), NUM_CLASSES).to(x.dtype)
+            mu, _ = ssvae.encode(x, z)
+            reconstruction = torch.sigmoid(ssvae.decode(mu, z))
+            classes = torch.arange(NUM_CLASSES, device=self.device).repeat_interleave(columns)
+            z_prior = F.one_hot(classes, NUM_CLASSES).to(x.dtype)
+            h = torch.randn(z_prior.shape[0], ssvae.latent_dim, generator=generator, device=self.device)
+            samples = torch.sigmoid(ssvae.decode(h, z_prior))
+        rows = torch.cat([x, reconstruction, samples]).reshape(-1, columns, 28, 28)
+        grid = rows.permute(0, 2, 1, 3).reshape(rows.shape[0] * 28, columns * 28).cpu().numpy()
+        figure = Figure(figsize=(columns * 0.6, rows.shape[0] * 0.6))
+        axes = figure.add_subplot()
+        axes.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0)
+        axes.set_yticks([14 + 28 * i for i in range(rows.shape[0])])
+        axes.set_yticklabels(["data", "recon"] + [f"z={k}" for k in range(NUM_CLASSES)])
+        axes.set_xticks([])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "ssvae_samples.png"
+        figure.savefig(path, bbox_inches="tight", dpi=100)
+        return [path]
+
+    # ------------------------------------------------------------------------------------------------- losses
+    def row_loss(
+        self, model: SSVAEModel, x: Tensor, *, sample_h: bool = True, generator: torch.Generator | None = None
+    ) -> LossFn:
+        """The estimator's ``loss_fn``: ``(z_rows [R, K], example_index [R]) -> ell(x[example_index], z) [R]``."""
+
+        def loss_fn(z_rows: Tensor, example_index: Tensor) -> Tensor:
+            return model.neg_elbo_given_class(
+                x[example_index], z_rows.to(x.dtype), sample_h=sample_h, generator=generator
+            )
+
+        return loss_fn
+
+    def unlabelled_terms(
+        self,
+        model: SSVAEModel,
+        estimator: Estimator[Any],
+        x: Tensor,
+        *,
+        sample_h: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> UnlabelledTerms:
+        """The estimator run on unlabelled images ``x [B_u, P]``: trained loss and -ELBO, each ``[B_u]``."""
+        result = estimator(model.classify(x), self.row_loss(model, x, sample_h=sample_h, generator=generator), x)
+        log_k = model.log_num_classes()
+        loss = result.surrogate + log_k - self.entropy_coef * result.entropy
+        neg_elbo = result.objective + log_k - result.entropy.detach()
+        return UnlabelledTerms(loss=loss, neg_elbo=neg_elbo, result=result)
+
+    def labelled_terms(self, model: SSVAEModel, x: Tensor, labels: Tensor) -> LabelledTerms:
+        """-ELBO with the known class and the classification loss for ``x [B_l, P]``, ``labels [B_l]``."""
+        scores = model.classify(x)
+        z = F.one_hot(labels, NUM_CLASSES).to(x.dtype)
+        neg_elbo = model.neg_elbo_given_class(x, z) + model.log_num_classes()
+        if self.use_sparsemax_loss:
+            classification: Tensor = sparsemax_loss(scores, labels)
+        else:
+            classification = F.cross_entropy(scores, labels, reduction="none")
+        return LabelledTerms(neg_elbo=neg_elbo, classification=classification, scores=scores)
+
+    def unlabelled_weight(self) -> float:
+        """``N_u / N_l``: the weight of the mean unlabelled loss in the total."""
+        data = self.data
+        return data.unlabelled_images.shape[0] / data.labelled_labels.shape[0]
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _cycle(self, count: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """Endless shuffled batches ``[batch_size]`` of indices into ``count`` items, reshuffled every pass."""
+        while True:
+            yield from minibatch_indices(count, self.batch_size, generator, self.device)
+
+    @staticmethod
+    def _check_model(model: nn.Module) -> SSVAEModel:
+        if not isinstance(model, SSVAEModel):
+            raise TypeError(f"the ssvae task needs an SSVAEModel, got {type(model).__name__}")
+        return model
+
+    def _load_data(self) -> SSVAEData:
+        root = find_root("MNIST", self.data_dir)
+        train_images, train_labels = load_images("MNIST", "train", root)
+        test_images, test_labels = load_images("MNIST", "test", root)
+        labelled, unlabelled, validation = split_indices(train_images.shape[0], root, self.config.split_seed)
+        limit = self.config.train_limit
+        total = labelled.shape[0] + unlabelled.shape[0]
+        if limit is not None and limit < total:
+            keep_labelled = max(1, round(limit * labelled.shape[0] / total))
+            labelled, unlabelled = labelled[:keep_labelled], unlabelled[: max(1, limit - keep_labelled)]
+        eval_limit = self.config.eval_limit
+        validation = validation[:eval_limit]
+        test_images, test_labels = test_images[:eval_limit], test_labels[:eval_limit]
+        flat = train_images.reshape(-1, IMAGE_PIXELS)
+
+        def on_device(t: Tensor) -> Tensor:
+            return t.to(self.device)
+
+        return SSVAEData(
+            labelled_images=on_device(flat[labelled]),
+            labelled_labels=on_device(train_labels[labelled]),
+            unlabelled_images=on_device(flat[unlabelled]),
+            val_images=on_device(flat[validation]),
+            val_labels=on_device(train_labels[validation]),
+            test_images=on_device(test_images.reshape(-1, IMAGE_PIXELS)),
+            test_labels=on_device(test_labels),
+        )

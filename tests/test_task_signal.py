@@ -1,0 +1,374 @@
+"""The signalling game: feature loaders, game construction, the model's loss rows, training and evaluation.
+
+Image data: a small subset of the real MNIST / Fashion-MNIST (``/work/shared/data``) written in torchvision's
+raw layout to a temporary root, or generated class-prototype images with the same layout when the real files
+are absent. Small sizes keep the file fast.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import h5py
+import numpy as np
+import pytest
+import torch
+from entmax import sparsemax
+from torch import Tensor
+
+from lvzoo import registry
+from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn
+from lvzoo.estimators.gumbel import GumbelConfig, GumbelSoftmax
+from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
+from lvzoo.estimators.score_function import SFE
+from lvzoo.estimators.spaces import Categorical
+from lvzoo.models.signal import SignalGameModel
+from lvzoo.tasks.data import load_images
+from lvzoo.tasks.signal import TEST_GAMES, VAL_GAMES, GameBatch, SignalGameConfig, SignalGameTask
+from lvzoo.tasks.signal_data import (
+    FEATURES_FILE,
+    LABELS_FILE,
+    MNIST_FASHION,
+    draw_games,
+    load_concept_images,
+    load_vgg_features,
+)
+
+REAL_DATA = Path("/work/shared/data")
+TRAIN_PER_DATASET, TEST_PER_DATASET = 2000, 500
+CPU = torch.device("cpu")
+#: A small game that trains in seconds: 16 candidates as in the paper, small networks.
+SMALL: dict[str, Any] = {"vocab_size": 16, "hidden_size": 32, "embedding_size": 32, "sender_temperature": 1.0}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file (the format of the MNIST raw files)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def _generated_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse class-prototype images ``[count, 28, 28]`` uint8 (20% of pixels on, plus noise), labels 0..9."""
+    rng = np.random.default_rng(seed)
+    prototypes = 255.0 * (rng.uniform(size=(10, 28, 28)) < 0.2)
+    labels = np.arange(count) % 10
+    images = np.clip(prototypes[labels] + rng.normal(0, 40, size=(count, 28, 28)), 0, 255)
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with small MNIST / FashionMNIST raw files (real subsets when available)."""
+    root = tmp_path_factory.mktemp("signal-data")
+    for offset, name in enumerate(("MNIST", "FashionMNIST")):
+        raw = root / name / "raw"
+        raw.mkdir(parents=True)
+        for split, prefix, count in (("train", "train", TRAIN_PER_DATASET), ("test", "t10k", TEST_PER_DATASET)):
+            if REAL_DATA.is_dir():
+                images_t, labels_t = load_images(name, split, REAL_DATA, download=False)  # type: ignore[arg-type]
+                images, labels = images_t[:count].numpy(), labels_t[:count].numpy().astype(np.uint8)
+            else:
+                images, labels = _generated_images(count, seed=2 * offset + (split == "test"))
+            _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+            _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Run single-threaded: these tensors are small, and on an oversubscribed machine one thread is much faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _task(data_root: Path, estimator: str = "sparsemax", **overrides: Any) -> SignalGameTask:
+    config = SignalGameConfig(**{"batch_size": 32, "eval_limit": 256, **SMALL, **overrides})
+    return SignalGameTask(config, estimator, data_root, CPU)
+
+
+def _batch(task: SignalGameTask, seed: int = 0) -> GameBatch:
+    return next(iter(task.train_batches(torch.Generator().manual_seed(seed))))
+
+
+def _model(task: SignalGameTask, seed: int = 0) -> SignalGameModel:
+    torch.manual_seed(seed)
+    model = task.build_model()
+    assert isinstance(model, SignalGameModel)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+
+
+def _write_feature_split(folder: Path, features: np.ndarray, labels: list[str]) -> None:
+    folder.mkdir(parents=True)
+    with h5py.File(folder / FEATURES_FILE, "w") as handle:
+        handle.create_dataset("dataset_1", data=features)
+    with (folder / LABELS_FILE).open("wb") as stream:
+        pickle.dump(np.array(labels), stream)
+    with (folder / "ours_images_paths_sm0.objects").open("wb") as stream:
+        pickle.dump([f"img{i}.jpg" for i in range(len(labels))], stream)
+
+
+def test_vgg_feature_loader_reads_h5_and_pickle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = ["n01", "n02", "n01", "n03", "n02", "n04", "n03", "n04"]
+    features = rng.normal(size=(len(labels), 12)).astype(np.float32)
+    _write_feature_split(tmp_path / "train", features, labels)
+    _write_feature_split(tmp_path / "test", features[:4] * 2.0, labels[:4])
+    images = load_vgg_features(tmp_path / "train")
+    assert images.features.dtype == torch.float32 and images.features.shape == (8, 12)
+    assert images.concepts.tolist() == [0, 1, 0, 2, 1, 3, 2, 3]  # numbered by first appearance
+    looked_up = images.lookup(torch.tensor([[0, 3]]))
+    expected = torch.from_numpy(features[[0, 3]])
+    torch.testing.assert_close(looked_up[0], expected / expected.norm(dim=-1, keepdim=True))
+    task = SignalGameTask(
+        SignalGameConfig(features=str(tmp_path), num_candidates=3, batch_size=4, eval_limit=8, **SMALL),
+        "sparsemax",
+        None,
+        CPU,
+    )
+    assert task.encoder_input_dim() == 12
+    batch = _batch(task)
+    assert batch.candidates.shape == (4, 3, 12)
+    output = task.train_step(_model(task), SparsemaxMarginal(task.latent_space()), batch)
+    assert torch.isfinite(output.loss)
+
+
+def test_vgg_feature_loader_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=FEATURES_FILE):
+        load_vgg_features(tmp_path)
+    _write_feature_split(tmp_path / "train", np.zeros((3, 5), dtype=np.float32), ["a", "b"])
+    with pytest.raises(ValueError, match="one row per label"):
+        load_vgg_features(tmp_path / "train")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_concept_images(str(tmp_path / "missing"), "train")
+
+
+def test_mnist_fashion_has_twenty_concepts(data_root: Path) -> None:
+    images = load_concept_images(MNIST_FASHION, "train", data_root)
+    assert images.features.shape == (2 * TRAIN_PER_DATASET, 784) and images.features.dtype == torch.uint8
+    assert images.concept_count() == 20
+    digits, clothes = images.concepts[:TRAIN_PER_DATASET], images.concepts[TRAIN_PER_DATASET:]
+    assert int(digits.max()) <= 9 and int(clothes.min()) >= 10
+    norms = images.lookup(torch.arange(5)).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones(5))
+
+
+# ------------------------------------------------------------------------------------------------- games
+
+
+def test_games_use_distinct_concepts_and_uniform_target_positions(data_root: Path) -> None:
+    concepts = load_concept_images(MNIST_FASHION, "train", data_root).concepts
+    num_games, num_candidates = 16000, 16
+    games = draw_games(concepts, num_games, num_candidates, torch.Generator().manual_seed(0))
+    assert games.candidates.shape == (num_games, num_candidates) and games.target.shape == (num_games,)
+    game_concepts = concepts[games.candidates]  # [G, C]
+    sorted_concepts = game_concepts.sort(dim=1).values
+    assert bool((sorted_concepts[:, 1:] != sorted_concepts[:, :-1]).all())  # all concepts distinct
+    # Target positions: multinomial counts, each within 5 standard errors of G / C.
+    counts = torch.bincount(games.target, minlength=num_candidates).double()
+    expected = num_games / num_candidates
+    standard_error = math.sqrt(num_games * (1 / num_candidates) * (1 - 1 / num_candidates))
+    assert float((counts - expected).abs().max()) < 5 * standard_error
+    # Target concepts are uniform over the 20 concepts too.
+    target_concepts = game_concepts.gather(1, games.target[:, None]).squeeze(1)
+    concept_counts = torch.bincount(target_concepts, minlength=20).double()
+    concept_se = math.sqrt(num_games * (1 / 20) * (1 - 1 / 20))
+    assert float((concept_counts - num_games / 20).abs().max()) < 5 * concept_se
+
+
+def test_draw_games_refuses_too_few_concepts() -> None:
+    with pytest.raises(ValueError, match="num_candidates=5 needs images of at least 5 distinct concepts"):
+        draw_games(torch.tensor([0, 1, 1, 2, 3]), 3, 5, torch.Generator().manual_seed(0))
+
+
+def test_val_and_test_games_are_fixed(data_root: Path) -> None:
+    first, second = _task(data_root, eval_limit=None), _task(data_root, eval_limit=None)
+    for split in ("val_games", "test_games"):
+        a, b = getattr(first.splits(), split), getattr(second.splits(), split)
+        assert torch.equal(a.candidates, b.candidates) and torch.equal(a.target, b.target)
+    splits = first.splits()
+    assert len(splits.val_games) == VAL_GAMES and len(splits.test_games) == TEST_GAMES
+    assert int(splits.test_games.candidates.max()) < 2 * TEST_PER_DATASET  # drawn from the test images
+    # Training games: fresh each epoch, reproducible from the generator's seed.
+    batch_a, batch_b, batch_c = _batch(first, seed=1), _batch(second, seed=1), _batch(first, seed=2)
+    assert torch.equal(batch_a.candidates, batch_b.candidates)
+    assert not torch.equal(batch_a.candidates, batch_c.candidates)
+    assert first.steps_per_epoch() == 6400 // 32
+    limited = _task(data_root, train_limit=100)
+    assert limited.steps_per_epoch() == 4 == len(list(limited.train_batches(torch.Generator())))
+
+
+# ----------------------------------------------------------------------------------- model and loss rows
+
+
+class _SpySparsemax(SparsemaxMarginal):
+    """Sparsemax marginalization that records every loss_fn call's row count."""
+
+    def __init__(self, space: Categorical) -> None:
+        super().__init__(space)
+        self.rows_per_call: list[int] = []
+
+    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
+        def recording_loss(z_rows: Tensor, example_index: Tensor) -> Tensor:
+            self.rows_per_call.append(z_rows.shape[0])
+            return loss_fn(z_rows, example_index)
+
+        return super().forward(scores, recording_loss, encoder_input)
+
+
+def test_candidates_embedded_once_and_loss_called_once_on_support(data_root: Path) -> None:
+    # A cold sender temperature makes sparsemax sparse from the start.
+    task = _task(data_root, sender_temperature=0.02)
+    model, batch = _model(task), _batch(task)
+    encoder_calls: list[tuple[int, ...]] = []
+    model.receiver.image_embedding.register_forward_hook(
+        lambda module, args, output: encoder_calls.append(tuple(args[0].shape))
+    )
+    estimator = _SpySparsemax(Categorical(task.config.vocab_size))
+    output = task.train_step(model, estimator, batch)
+    assert encoder_calls == [tuple(batch.candidates.shape)]  # all [B, C, F] candidates, once
+    probs = sparsemax(model(batch.target_features()), dim=-1)
+    support = (probs > 0).sum(-1)
+    assert estimator.rows_per_call == [int(support.sum())]
+    assert int(support.sum()) < batch.candidates.shape[0] * task.config.vocab_size  # genuinely sparse
+    assert torch.equal(output.support, support)
+
+
+def test_loss_rows_match_naive_per_example_computation(data_root: Path) -> None:
+    task = _task(data_root, batch_size=5)
+    model, batch = _model(task).double(), _batch(task)
+    candidates = batch.candidates.double()
+    generator = torch.Generator().manual_seed(3)
+    example_index = torch.tensor([0, 0, 3, 1, 4, 4, 4, 2])
+    one_hot = torch.eye(task.config.vocab_size, dtype=torch.float64)[torch.randint(16, (4,), generator=generator)]
+    relaxed = torch.softmax(torch.randn(4, task.config.vocab_size, generator=generator, dtype=torch.float64), -1)
+    z_rows = torch.cat([one_hot, relaxed])
+    loss_fn = model.game_loss(model.receiver.embed_candidates(candidates), batch.target)
+    rows = loss_fn(z_rows, example_index)
+    for r, example in enumerate(example_index.tolist()):
+        embedded = candidates[example] @ model.receiver.image_embedding.weight.T  # [C, E]
+        message = z_rows[r] @ model.receiver.symbol_embedding.weight  # [E]
+        naive = -torch.log_softmax(embedded @ message, dim=0)[batch.target[example]]
+        torch.testing.assert_close(rows[r], naive)
+
+
+def test_train_loss_is_mean_surrogate_minus_entropy_term(data_root: Path) -> None:
+    task = _task(data_root, estimator="softmax", entropy_coef=0.3)
+    model, batch = _model(task), _batch(task)
+    estimator = SoftmaxMarginal(task.latent_space())
+    output = task.train_step(model, estimator, batch)
+    result = estimator(
+        model(batch.target_features()),
+        model.game_loss(model.receiver.embed_candidates(batch.candidates), batch.target),
+    )
+    torch.testing.assert_close(output.loss, result.surrogate.mean() - 0.3 * result.entropy.mean())
+    assert set(output.metrics) == {"loss", "success", "support_mean", "entropy"}
+    assert float(output.metrics["support_mean"]) == task.config.vocab_size
+
+
+def test_sparsemax_training_beats_chance(data_root: Path) -> None:
+    # One epoch (200 steps of 32 games), entropy_coef 0.05. Measured validation success over seeds 0-4: 0.31-0.57
+    # on the real-image subset, 0.27-0.64 on generated images. Chance is 1/16; 0.15 is > 8 standard errors of a
+    # 512-game success rate above chance and well below every measured run.
+    task = _task(data_root, eval_limit=512, entropy_coef=0.05)
+    model = _model(task)
+    estimator = SparsemaxMarginal(task.latent_space())
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.estimator_defaults().lr)
+    assert task.steps_per_epoch() == 200
+    for batch in task.train_batches(torch.Generator().manual_seed(0)):
+        output = task.train_step(model, estimator, batch)
+        optimizer.zero_grad()
+        torch.autograd.backward(output.loss)
+        optimizer.step()
+    metrics = task.evaluate(model, estimator, "val")
+    assert metrics["success"] > 0.15
+    assert metrics["support_mean"] < task.config.vocab_size / 2  # sparsemax became sparse
+
+
+@pytest.mark.parametrize("estimator_name", ["sparsemax", "softmax", "sfe", "gumbel"])
+def test_evaluate_returns_finite_metrics(data_root: Path, estimator_name: str) -> None:
+    task = _task(data_root, estimator=estimator_name, eval_limit=64)
+    model = _model(task)
+    estimator = registry.estimators.load(estimator_name)(task.latent_space(), input_dim=task.encoder_input_dim())
+    for split in ("val", "test"):
+        metrics = task.evaluate(model, estimator, split)
+        exact = estimator_name in ("sparsemax", "softmax")
+        assert set(metrics) == {"loss", "success", "support_mean", "entropy"} | ({"expected_success"} if exact else set())
+        assert all(math.isfinite(value) for value in metrics.values())
+        assert 0.0 <= metrics["success"] <= 1.0 and metrics["loss"] > 0.0
+    assert model.training and estimator.training  # modes restored
+    if estimator_name == "softmax":
+        assert metrics["support_mean"] == task.config.vocab_size
+
+
+@pytest.mark.parametrize("estimator_class", [SFE, GumbelSoftmax])
+def test_evaluate_does_not_update_estimator_state(data_root: Path, estimator_class: type[Estimator[Any]]) -> None:
+    task = _task(data_root, eval_limit=64)
+    estimator = estimator_class(task.latent_space())
+    before = {name: value.clone() for name, value in estimator.state_dict().items()}
+    assert before  # moving-average baseline / temperature step counter
+    task.evaluate(_model(task), estimator, "val")
+    after = estimator.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+# ------------------------------------------------------------------------------------- config, defaults
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_candidates", 1),
+        ("num_candidates", 2.5),
+        ("vocab_size", 0),
+        ("hidden_size", True),
+        ("embedding_size", -3),
+        ("games_per_epoch", 0),
+        ("sender_temperature", 0.0),
+        ("sender_temperature", math.inf),
+        ("features", ""),
+        ("features", 3),
+    ],
+)
+def test_config_validation_names_field_and_value(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field) as error:
+        SignalGameConfig(**{field: value})
+    assert repr(value) in str(error.value)
+
+
+def test_more_candidates_than_concepts_is_refused(data_root: Path) -> None:
+    with pytest.raises(ValueError, match="num_candidates=21 needs images of at least 21 distinct concepts"):
+        _task(data_root, num_candidates=21).splits()
+
+
+def test_estimator_defaults_follow_the_paper(data_root: Path) -> None:
+    def defaults(name: str) -> tuple[float, float, int]:
+        d = _task(data_root, estimator=name).estimator_defaults()
+        return d.lr, d.entropy_coef, d.batch_size
+
+    assert defaults("sparsemax") == (5e-3, 0.1, 64)
+    assert defaults("sfe") == (1e-3, 0.05, 64)
+    assert defaults("nvil") == (1e-3, 0.1, 64)
+    assert defaults("entmax15") == (1e-3, 0.1, 64)
+    gumbel = _task(data_root, estimator="stgumbel").estimator_defaults()
+    assert (gumbel.lr, gumbel.entropy_coef) == (1e-3, 0.01)
+    schedule = GumbelConfig(**gumbel.estimator_config)
+    assert (schedule.decay_rate, schedule.update_every) == (1e-5, 1000)
+
+
+def test_registered_task_and_model(data_root: Path) -> None:
+    assert registry.tasks.load("signal") is SignalGameTask
+    assert registry.models.load("signal") is SignalGameModel
+    task = _task(data_root)
+    assert task.latent_space() == Categorical(16) and task.encoder_input_dim() == 784
+    assert SignalGameTask.default_epochs == 500
+    assert attrs.fields(SignalGameConfig).num_candidates.default == 16

@@ -1,0 +1,375 @@
+"""The semi-supervised VAE task and model (real MNIST when present, generated IDX files otherwise)."""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from entmax import sparsemax, sparsemax_loss
+from torch import Tensor
+
+from lvzoo import registry
+from lvzoo.estimators.base import Estimator
+from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
+from lvzoo.estimators.spaces import Categorical
+from lvzoo.models.ssvae import SSVAEModel
+from lvzoo.registry import PluginLoadError
+from lvzoo.tasks.data import DataNotFoundError, find_root, load_ssvae_splits
+from lvzoo.tasks.ssvae import SSVAEBatch, SSVAEConfig, SSVAETask, split_indices
+
+CPU = torch.device("cpu")
+SMALL = {"train_limit": 400, "eval_limit": 120, "batch_size": 32}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file (gzipped) of a uint8 array."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def write_generated_mnist(root: Path, num_train: int, num_test: int, seed: int = 0) -> None:
+    """Random uint8 images with random labels in ``root/MNIST/raw`` (torchvision layout)."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: the small matrices gain nothing from more, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The root holding the real MNIST files, or a directory of generated ones."""
+    try:
+        return find_root("MNIST", download=False)
+    except DataNotFoundError:
+        root = tmp_path_factory.mktemp("mnist")
+        write_generated_mnist(root, num_train=1200, num_test=200)
+        return root
+
+
+def make_task(data_dir: Path, estimator_name: str = "softmax", **overrides: Any) -> SSVAETask:
+    return SSVAETask(SSVAEConfig(**{**SMALL, **overrides}), estimator_name, data_dir, CPU)
+
+
+def load_estimator(task: SSVAETask) -> Estimator[Any]:
+    """The registered estimator of ``task.estimator_name`` with the task's default estimator config."""
+    try:
+        cls = registry.estimators.load(task.estimator_name)
+    except PluginLoadError as exc:
+        pytest.skip(f"estimator {task.estimator_name} is not available yet: {exc}")
+    config = cls.config_class(**task.estimator_defaults().estimator_config)
+    estimator: Estimator[Any] = cls(task.latent_space(), config, input_dim=task.encoder_input_dim())
+    return estimator
+
+
+def first_batch(task: SSVAETask, seed: int = 0) -> SSVAEBatch:
+    return next(iter(task.train_batches(torch.Generator().manual_seed(seed))))
+
+
+def test_interface_shapes_and_batches(data_dir: Path) -> None:
+    task = make_task(data_dir)
+    assert task.latent_space() == Categorical(10)
+    assert task.encoder_input_dim() == 784
+    data = task.data
+    num_labelled, num_unlabelled = data.labelled_labels.shape[0], data.unlabelled_images.shape[0]
+    assert num_labelled + num_unlabelled == SMALL["train_limit"]
+    assert data.val_labels.shape == (SMALL["eval_limit"],) and data.test_images.shape == (SMALL["eval_limit"], 784)
+    assert task.unlabelled_weight() == num_unlabelled / num_labelled
+    batches = list(task.train_batches(torch.Generator().manual_seed(0)))
+    assert len(batches) == task.steps_per_epoch() == math.ceil(num_unlabelled / 32)
+    assert sum(b.unlabelled_x.shape[0] for b in batches if b.unlabelled_x is not None) == num_unlabelled
+    batch = batches[0]
+    assert batch.labelled_x.shape == (32, 784) and batch.labels.shape == (32,)
+    assert batch.labelled_x.dtype == torch.float32
+    assert bool(((batch.labelled_x == 0) | (batch.labelled_x == 1)).all())
+    model = task.build_model()
+    x = batch.labelled_x
+    z = F.one_hot(batch.labels, 10).float()
+    assert model.classify(x).shape == (32, 10)
+    mu, logvar = model.encode(x, z)
+    assert mu.shape == logvar.shape == (32, 8)
+    assert model.decode(mu, z).shape == (32, 784)
+    assert model.neg_elbo_given_class(x, z).shape == (32,)
+
+
+def test_vae_layers_follow_the_config() -> None:
+    code, paper = SSVAEModel(vae_layers=2), SSVAEModel(vae_layers=1)
+    linear = torch.nn.Linear
+    assert [m.out_features for m in code.encoder if isinstance(m, linear)] == [128, 128, 16]
+    assert [m.out_features for m in paper.decoder if isinstance(m, linear)] == [128, 784]
+    assert [m.out_features for m in code.classifier if isinstance(m, linear)] == [256, 256, 256, 10]
+
+
+def test_fallback_split_has_the_paper_sizes(tmp_path: Path) -> None:
+    labelled, unlabelled, validation = split_indices(60_000, tmp_path, split_seed=3)
+    assert (labelled.numel(), unlabelled.numel(), validation.numel()) == (5_000, 45_000, 10_000)
+    assert torch.equal(torch.cat([labelled, unlabelled, validation]).sort().values, torch.arange(60_000))
+    again = split_indices(60_000, tmp_path, split_seed=3)
+    other = split_indices(60_000, tmp_path, split_seed=4)
+    assert torch.equal(labelled, again[0]) and not torch.equal(labelled, other[0])
+
+
+def test_paper_split_files_are_used_when_present(data_dir: Path) -> None:
+    if not (data_dir / "ssvae-splits").is_dir():
+        pytest.skip("the paper's split files are not available")
+    splits = load_ssvae_splits(data_dir)
+    assert splits is not None
+    for got, expected in zip(split_indices(60_000, data_dir, split_seed=0), splits):
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="indexes image"):
+        split_indices(1_000, data_dir, split_seed=0)
+
+
+def test_generated_data_uses_a_seeded_split(tmp_path: Path) -> None:
+    write_generated_mnist(tmp_path, num_train=240, num_test=30)
+    task = SSVAETask(SSVAEConfig(), "softmax", tmp_path, CPU)
+    data = task.data
+    assert (data.labelled_labels.numel(), data.unlabelled_images.shape[0], data.val_labels.numel()) == (20, 180, 40)
+    assert data.test_labels.numel() == 30
+
+
+def test_sparsemax_calls_the_loss_once_on_the_support_only(data_dir: Path) -> None:
+    task = make_task(data_dir, "sparsemax")
+    torch.manual_seed(0)
+    model = task.build_model()
+    last = model.classifier[-1]
+    assert isinstance(last, torch.nn.Linear)
+    with torch.no_grad():
+        last.weight.mul_(40.0)  # peaked scores so that sparsemax drops classes
+    calls: list[tuple[Tensor, Tensor]] = []
+    original = model.neg_elbo_given_class
+
+    def recording(x: Tensor, z: Tensor, **kwargs: Any) -> Tensor:
+        calls.append((x, z))
+        return original(x, z, **kwargs)
+
+    model.neg_elbo_given_class = recording  # type: ignore[method-assign]
+    x = first_batch(task).unlabelled_x
+    assert x is not None
+    terms = task.unlabelled_terms(model, SparsemaxMarginal(task.latent_space()), x)
+    probs = sparsemax(model.classify(x), dim=-1)
+    assert len(calls) == 1
+    rows_x, rows_z = calls[0]
+    support = (probs > 0).sum(-1)
+    assert support.min() < 10, "the test needs examples with a partial support"
+    assert rows_z.shape[0] == int(support.sum())
+    assert torch.equal(terms.result.support, support)
+    example_of_row = torch.repeat_interleave(torch.arange(x.shape[0]), support)
+    assert torch.equal(rows_x, x[example_of_row])
+    assert bool((probs[example_of_row, rows_z.argmax(-1)] > 0).all())
+
+
+def test_softmax_neg_elbo_matches_brute_force(data_dir: Path) -> None:
+    task = make_task(data_dir, "softmax")
+    torch.manual_seed(1)
+    model = task.build_model().double()
+    x = first_batch(task).unlabelled_x
+    assert x is not None
+    x = x[:16].double()
+    terms = task.unlabelled_terms(model, SoftmaxMarginal(task.latent_space()), x, sample_h=False)
+    probs = torch.softmax(model.classify(x), -1)
+    per_class = torch.stack(
+        [
+            model.neg_elbo_given_class(x, F.one_hot(torch.full((16,), k), 10).double(), sample_h=False)
+            for k in range(10)
+        ],
+        dim=1,
+    )
+    expected = (probs * per_class).sum(-1) + math.log(10) + (probs * probs.log()).sum(-1)
+    torch.testing.assert_close(terms.neg_elbo, expected.detach(), rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(terms.loss, expected, rtol=1e-10, atol=1e-9)  # entropy_coef = 1: the -ELBO
+
+
+def test_entropy_coefficient_scales_the_entropy_term(data_dir: Path) -> None:
+    base, scaled = make_task(data_dir), make_task(data_dir, entropy_coef=0.25)
+    torch.manual_seed(2)
+    model = base.build_model().double()
+    x = first_batch(base).unlabelled_x
+    assert x is not None
+    x = x[:8].double()
+    estimator = SoftmaxMarginal(base.latent_space())
+    full = base.unlabelled_terms(model, estimator, x, sample_h=False)
+    partial = scaled.unlabelled_terms(model, estimator, x, sample_h=False)
+    torch.testing.assert_close(partial.loss - full.loss, 0.75 * full.result.entropy)
+    torch.testing.assert_close(partial.neg_elbo, full.neg_elbo)
+
+
+def test_classification_loss_follows_the_estimator(data_dir: Path) -> None:
+    torch.manual_seed(3)
+    model = SSVAEModel()
+    x = torch.bernoulli(torch.full((6, 784), 0.3))
+    labels = torch.arange(6)
+    scores = model.classify(x)
+    sparse = make_task(data_dir, "sparsemax").labelled_terms(model, x, labels).classification
+    dense = make_task(data_dir, "sfe").labelled_terms(model, x, labels).classification
+    forced = make_task(data_dir, "softmax", classification_loss="sparsemax").labelled_terms(model, x, labels)
+    torch.testing.assert_close(sparse, sparsemax_loss(scores, labels))
+    torch.testing.assert_close(dense, F.cross_entropy(scores, labels, reduction="none"))
+    torch.testing.assert_close(forced.classification, sparse)
+
+
+def _total_loss(task: SSVAETask, model: SSVAEModel, estimator: Estimator[Any], batch: SSVAEBatch) -> Tensor:
+    return task.train_step(model, estimator, batch).loss
+
+
+def test_training_steps_reduce_the_loss_of_a_fixed_batch(data_dir: Path) -> None:
+    task = make_task(data_dir, "sparsemax")
+    torch.manual_seed(4)
+    model = task.build_model()
+    estimator = SparsemaxMarginal(task.latent_space())
+    batch = first_batch(task)
+    with torch.no_grad():
+        before = torch.stack([_total_loss(task, model, estimator, batch) for _ in range(8)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(25):
+        optimizer.zero_grad()
+        torch.autograd.backward(_total_loss(task, model, estimator, batch))
+        optimizer.step()
+    with torch.no_grad():
+        after = torch.stack([_total_loss(task, model, estimator, batch) for _ in range(8)])
+    standard_error = math.sqrt((before.var() / 8 + after.var() / 8).item())
+    assert after.mean() < before.mean() - 5 * standard_error
+
+
+@pytest.mark.parametrize(
+    "estimator_name", ["softmax", "sparsemax", "entmax15", "sfe", "sfe+", "nvil", "sumsample", "gumbel", "stgumbel"]
+)
+def test_every_parameter_gets_a_finite_gradient(data_dir: Path, estimator_name: str) -> None:
+    task = make_task(data_dir, estimator_name)
+    estimator = load_estimator(task)
+    torch.manual_seed(5)
+    model = task.build_model()
+    output = task.train_step(model, estimator, first_batch(task))
+    torch.autograd.backward(output.loss)
+    assert output.loss.dim() == 0 and bool(torch.isfinite(output.loss))
+    assert output.support.shape == (32,) and int(output.support.max()) <= 10
+    for name in ("loss", "neg_elbo", "labelled_loss", "accuracy", "support_mean"):
+        assert output.metrics[name].dim() == 0 and not output.metrics[name].requires_grad
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert bool(torch.isfinite(parameter.grad).all()), name
+
+
+def test_warm_start_checkpoint_round_trip(data_dir: Path, tmp_path: Path) -> None:
+    warm = make_task(data_dir, "sfe", labelled_only=True)
+    assert warm.estimator_defaults().lr == 1e-3
+    assert warm.steps_per_epoch() == math.ceil(warm.data.labelled_labels.shape[0] / 32)
+    torch.manual_seed(6)
+    model = warm.build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for batch in warm.train_batches(torch.Generator().manual_seed(0)):
+        assert batch.unlabelled_x is None
+        output = warm.train_step(model, SoftmaxMarginal(warm.latent_space()), batch)
+        assert torch.equal(output.support, torch.ones_like(batch.labels))
+        optimizer.zero_grad()
+        torch.autograd.backward(output.loss)
+        optimizer.step()
+    runner_checkpoint, bare = tmp_path / "checkpoint.pt", tmp_path / "bare.pt"
+    torch.save({"model": model.state_dict(), "epoch": 1}, runner_checkpoint)
+    torch.save(model.state_dict(), bare)
+    for path in (runner_checkpoint, bare):
+        loaded = make_task(data_dir, "sfe", init_checkpoint=str(path)).build_model()
+        for (name, expected), (_, got) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(expected, got), name
+    with pytest.raises(ValueError, match="does not fit"):
+        make_task(data_dir, init_checkpoint=str(bare), latent_dim=4).build_model()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_task(data_dir, init_checkpoint=str(tmp_path / "missing.pt")).build_model()
+
+
+@pytest.mark.parametrize("estimator_name", ["softmax", "sparsemax"])
+def test_evaluate_metrics(data_dir: Path, estimator_name: str) -> None:
+    task = make_task(data_dir, estimator_name, eval_batch_size=50)
+    estimator = load_estimator(task)
+    torch.manual_seed(7)
+    model = task.build_model()
+    metrics = task.evaluate(model, estimator, "val")
+    assert set(metrics) == {"accuracy", "neg_elbo", "decoder_calls"}
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and math.isfinite(metrics["neg_elbo"])
+    assert 1.0 <= metrics["decoder_calls"] <= 10.0
+    if estimator_name == "softmax":
+        assert metrics["decoder_calls"] == 10.0
+    assert task.evaluate(model, estimator, "val") == metrics  # seeded binarization and h noise
+    assert model.training and estimator.training
+    test_metrics = task.evaluate(model, estimator, "test", final=True)
+    assert 0.0 <= test_metrics["accuracy"] <= 1.0 and math.isfinite(test_metrics["neg_elbo"])
+
+
+def test_monte_carlo_estimators_are_evaluated_under_the_dense_softmax(data_dir: Path) -> None:
+    task = make_task(data_dir, "sfe")  # one evaluation batch: the seeded noise matches the softmax run
+    estimator = load_estimator(task)
+    torch.manual_seed(8)
+    model = task.build_model()
+    state = {name: value.clone() for name, value in estimator.state_dict().items()}
+    metrics = task.evaluate(model, estimator, "val")
+    reference = task.evaluate(model, SoftmaxMarginal(task.latent_space()), "val")
+    assert metrics["neg_elbo"] == reference["neg_elbo"] and metrics["accuracy"] == reference["accuracy"]
+    assert metrics["decoder_calls"] == 1.0
+    for name, value in estimator.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_estimator_defaults_follow_the_paper(data_dir: Path) -> None:
+    expected = {"sfe": 1e-4, "sfe+": 1e-4, "nvil": 1e-3, "sumsample": 1e-3, "gumbel": 1e-3, "stgumbel": 1e-3}
+    expected |= {"softmax": 1e-3, "sparsemax": 5e-4, "entmax15": 1e-3, "rloo": 1e-3}
+    for name, lr in expected.items():
+        defaults = make_task(data_dir, name).estimator_defaults()
+        assert (defaults.lr, defaults.batch_size, defaults.entropy_coef) == (lr, 64, 1.0), name
+    assert make_task(data_dir, "stgumbel").estimator_defaults().estimator_config == {
+        "decay_rate": 1e-4,
+        "update_every": 1000,
+    }
+    assert make_task(data_dir, "sfe").estimator_defaults().estimator_config == {}
+    assert SSVAETask.default_epochs == 200
+    unset = SSVAETask(SSVAEConfig(), "softmax", data_dir, CPU)
+    assert (unset.batch_size, unset.entropy_coef) == (64, 1.0)
+    assert make_task(data_dir, entropy_coef=0.0).entropy_coef == 0.0
+
+
+def test_save_artifacts_writes_a_png(data_dir: Path, tmp_path: Path) -> None:
+    task = make_task(data_dir)
+    paths = task.save_artifacts(task.build_model(), SoftmaxMarginal(task.latent_space()), tmp_path / "out")
+    assert len(paths) == 1 and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("latent_dim", 0, "latent_dim must be an int >= 1"),
+        ("vae_layers", 1.5, "vae_layers must be an int >= 1"),
+        ("classifier_hidden", True, "classifier_hidden must be an int >= 1"),
+        ("labelled_only", "yes", "labelled_only must be True or False"),
+        ("init_checkpoint", "", "init_checkpoint must be a non-empty path"),
+        ("classification_loss", "hinge", "classification_loss must be one of auto, nll, sparsemax"),
+        ("split_seed", -1, "split_seed must be an int >= 0"),
+        ("eval_batch_size", 0, "eval_batch_size must be an int >= 1"),
+        ("batch_size", 0, "batch_size must be a positive int"),
+    ],
+)
+def test_config_validators(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as error:
+        SSVAEConfig(**{field: value})
+    assert repr(value) in str(error.value)
+
+
+def test_model_type_is_checked(data_dir: Path) -> None:
+    task = make_task(data_dir)
+    with pytest.raises(TypeError, match="needs an SSVAEModel"):
+        task.train_step(torch.nn.Linear(2, 2), SoftmaxMarginal(task.latent_space()), first_batch(task))
