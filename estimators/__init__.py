@@ -6,7 +6,9 @@ from lvzoo.estimators.base import (
     EstimatorResult,
     IncompatibleSpaceError,
     LossFn,
+    MarginalizingEstimator,
     SparseDistribution,
+    expectation,
     marginalize,
 )
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
@@ -20,6 +22,8 @@ __all__ = [
     "IncompatibleSpaceError",
     "LatentSpace",
     "LossFn",
+    "MarginalizingEstimator",
     "SparseDistribution",
+    "expectation",
     "marginalize",
 ]

@@ -131,6 +131,7 @@ class SparseDistribution:
     example_index: Tensor
     probs: Tensor
     num_examples: int
+    logs: Mapping[str, Tensor] = attrs.field(factory=dict)
 
 
 def marginalize(dist: SparseDistribution, loss_fn: LossFn, logs: Mapping[str, Tensor] | None = None) -> EstimatorResult:
@@ -139,7 +140,13 @@ def marginalize(dist: SparseDistribution, loss_fn: LossFn, logs: Mapping[str, Te
     The surrogate ``sum_z pi(z) loss(z)`` is the exact expected loss, so its gradient is exact w.r.t. both
     the decoder (through ``loss``) and the encoder (through ``probs``).
     """
-    losses = evaluate_rows(loss_fn, dist.z_rows, dist.example_index)
+    return expectation(dist, evaluate_rows(loss_fn, dist.z_rows, dist.example_index), logs)
+
+
+def expectation(
+    dist: SparseDistribution, losses: Tensor, logs: Mapping[str, Tensor] | None = None
+) -> EstimatorResult:
+    """The :class:`EstimatorResult` of ``sum_z pi(z) losses(z)`` given the losses ``[R]`` of ``dist``'s rows."""
     expected = segment_sum(dist.probs * losses, dist.example_index, dist.num_examples)
     plogp = dist.probs * torch.log(dist.probs.clamp_min(torch.finfo(dist.probs.dtype).tiny))
     entropy = -segment_sum(plogp, dist.example_index, dist.num_examples)
@@ -149,8 +156,25 @@ def marginalize(dist: SparseDistribution, loss_fn: LossFn, logs: Mapping[str, Te
         objective=expected.detach(),
         entropy=entropy,
         support=support,
-        logs=dict(logs or {}),
+        logs={**dist.logs, **(logs or {})},
     )
+
+
+class MarginalizingEstimator(Estimator[C], abc.ABC):
+    """An estimator that computes the expectation **exactly** under an explicit sparse distribution.
+
+    Subclasses implement :meth:`distribution`; evaluation code (held-out ELBO, importance sampling with an exact
+    support term) can call it directly to read the posterior rows and probabilities.
+    """
+
+    @abc.abstractmethod
+    def distribution(self, scores: Tensor) -> SparseDistribution:
+        """The nonzero-probability rows of the encoder distribution for scores ``[B, N]``."""
+
+    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
+        """Exact ``E_{distribution(scores)}[loss_fn]`` with one loss call on the support rows."""
+        self.check_scores(scores)
+        return marginalize(self.distribution(scores), loss_fn)
 
 
 def dense_to_sparse(probs: Tensor, space: LatentSpace) -> SparseDistribution:

@@ -17,13 +17,10 @@ from entmax import entmax15, sparsemax
 from torch import Tensor
 
 from lvzoo.estimators.base import (
-    Estimator,
     EstimatorConfig,
-    EstimatorResult,
-    LossFn,
+    MarginalizingEstimator,
     SparseDistribution,
     dense_to_sparse,
-    marginalize,
 )
 from lvzoo.estimators.spaces import BitVector, Categorical
 
@@ -58,7 +55,7 @@ def all_rows(probs: Tensor, space: Categorical) -> SparseDistribution:
     )
 
 
-class MarginalEstimator(Estimator[MC], abc.ABC):
+class MarginalEstimator(MarginalizingEstimator[MC], abc.ABC):
     """Shared exact marginalization: ``normalize(scores)`` then one loss call on the kept rows.
 
     Subclasses implement :meth:`normalize`; ``dense = True`` keeps every row even where a probability
@@ -72,13 +69,11 @@ class MarginalEstimator(Estimator[MC], abc.ABC):
     def normalize(self, scores: Tensor) -> Tensor:
         """Probabilities ``[B, K]`` (rows on the simplex) from scores ``[B, K]``."""
 
-    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
-        """Exact ``E_{normalize(scores)}[loss]`` for scores ``[B, K]``; ``support`` counts the evaluated rows."""
-        self.check_scores(scores)
+    def distribution(self, scores: Tensor) -> SparseDistribution:
+        """The rows of ``normalize(scores [B, K])`` that are evaluated (all K for the dense baseline)."""
         assert isinstance(self.space, Categorical)
         probs = self.normalize(scores)
-        dist = all_rows(probs, self.space) if self.dense else dense_to_sparse(probs, self.space)
-        return marginalize(dist, loss_fn)
+        return all_rows(probs, self.space) if self.dense else dense_to_sparse(probs, self.space)
 
 
 class SoftmaxMarginal(MarginalEstimator[SoftmaxConfig]):

@@ -71,14 +71,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from lvzoo.estimators.base import (
-    Estimator,
-    EstimatorConfig,
-    EstimatorResult,
-    LossFn,
-    SparseDistribution,
-    marginalize,
-)
+from lvzoo.estimators.base import EstimatorConfig, MarginalizingEstimator, SparseDistribution
 from lvzoo.estimators.spaces import BitVector
 
 #: After the first iteration, convergence (a host sync) is checked every this many iterations.
@@ -394,7 +387,7 @@ def sparsemap(t: Tensor, budget: int | None = None) -> tuple[Tensor, Tensor, Ten
     return solution.vertices, solution.weights, solution.active
 
 
-class SparseMAP(Estimator[SparseMAPConfig]):
+class SparseMAP(MarginalizingEstimator[SparseMAPConfig]):
     """Sparse marginalization over the SparseMAP distribution of bit-vector scores (``space.budget`` respected).
 
     The loss is evaluated once on the vertices with positive weight (at most ``D + 1`` per example). Logs:
@@ -405,9 +398,8 @@ class SparseMAP(Estimator[SparseMAPConfig]):
     config_class: ClassVar[type[EstimatorConfig]] = SparseMAPConfig
     supported_spaces = (BitVector,)
 
-    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
-        """Exact expectation of ``loss_fn`` under SparseMAP(``scores [B, D]``)."""
-        self.check_scores(scores)
+    def distribution(self, scores: Tensor) -> SparseDistribution:
+        """The vertices with positive SparseMAP weight for scores ``[B, D]`` (at most ``D + 1`` per example)."""
         space = self.space
         assert isinstance(space, BitVector)  # the base class refused any other space
         solution = solve_sparsemap(
@@ -418,19 +410,18 @@ class SparseMAP(Estimator[SparseMAPConfig]):
             warm_start=self.config.warm_start,
         )
         example_index, slot = torch.nonzero(solution.active & (solution.weights > 0), as_tuple=True)
-        dist = SparseDistribution(
+        support = torch.bincount(example_index, minlength=scores.shape[0])
+        return SparseDistribution(
             z_rows=solution.vertices[example_index, slot],
             example_index=example_index,
             probs=solution.weights[example_index, slot],
             num_examples=scores.shape[0],
+            logs={
+                "sparsemap_iterations": torch.tensor(float(solution.iterations), device=scores.device),
+                "sparsemap_mean_support": support.to(scores.dtype).mean(),
+                "sparsemap_converged": solution.converged.to(scores.dtype).mean(),
+            },
         )
-        support = torch.bincount(example_index, minlength=scores.shape[0])
-        logs = {
-            "sparsemap_iterations": torch.tensor(float(solution.iterations), device=scores.device),
-            "sparsemap_mean_support": support.to(scores.dtype).mean(),
-            "sparsemap_converged": solution.converged.to(scores.dtype).mean(),
-        }
-        return marginalize(dist, loss_fn, logs)
 
 
 __all__ = [

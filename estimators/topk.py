@@ -19,14 +19,7 @@ import torch
 from entmax import sparsemax
 from torch import Tensor
 
-from lvzoo.estimators.base import (
-    Estimator,
-    EstimatorConfig,
-    EstimatorResult,
-    LossFn,
-    SparseDistribution,
-    marginalize,
-)
+from lvzoo.estimators.base import EstimatorConfig, MarginalizingEstimator, SparseDistribution
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 
 
@@ -141,7 +134,7 @@ class TopKSparsemaxConfig(EstimatorConfig):
     k: int = attrs.field(default=10, validator=_positive_int)
 
 
-class TopKSparsemax(Estimator[TopKSparsemaxConfig]):
+class TopKSparsemax(MarginalizingEstimator[TopKSparsemaxConfig]):
     """Exact marginalization under top-k sparsemax for a :class:`BitVector` latent (with or without budget).
 
     ``logs["support_at_k"]`` is the fraction of examples whose support equals ``k``; the others are certified to
@@ -159,19 +152,17 @@ class TopKSparsemax(Estimator[TopKSparsemaxConfig]):
         check_k(self.config.k, space.D, space.budget)
         self.bit_space: BitVector = space
 
-    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
-        """Exact expected loss under ``topk_sparsemax(scores)`` for scores ``t [B, D]``; one loss call."""
-        self.check_scores(scores)
+    def distribution(self, scores: Tensor) -> SparseDistribution:
+        """The nonzero rows of ``topk_sparsemax(scores)`` for scores ``t [B, D]``."""
         z, q = topk_sparsemax(scores, self.config.k, self.bit_space.budget)
         example_index, slot = torch.nonzero(q > 0, as_tuple=True)
-        dist = SparseDistribution(
+        return SparseDistribution(
             z_rows=z[example_index, slot],
             example_index=example_index,
             probs=q[example_index, slot],
             num_examples=scores.shape[0],
+            logs={"support_at_k": ((q > 0).sum(-1) == self.config.k).to(scores.dtype).mean()},
         )
-        at_k = ((q > 0).sum(-1) == self.config.k).to(scores.dtype).mean()
-        return marginalize(dist, loss_fn, {"support_at_k": at_k})
 
 
 __all__ = [

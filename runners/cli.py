@@ -1,0 +1,189 @@
+"""The ``runner`` command line: train a registered task with a registered estimator, list plugins, evaluate.
+
+``runner --task T --estimator E [--set key=value ...]`` trains and tracks one run; ``runner list`` shows what
+is installed; ``runner eval CHECKPOINT`` evaluates a checkpoint. Configuration problems exit non-zero with a
+single ``Error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lvzoo import registry
+from lvzoo.estimators.base import describe_config
+from lvzoo.runners.config import ConfigError, one_line, parse_assignments
+from lvzoo.runners.loop import Split, TerminatedError, evaluate_checkpoint, train
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class _OneLineError(click.ClickException):
+    """A user error shown as one ``Error: ...`` line (click's usage errors span several lines)."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+class _Group(click.Group):
+    """Click group whose usage errors (bad options, unknown commands) are one line too."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _OneLineError(exc.format_message()) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _OneLineError(exc.format_message()) from None
+
+
+def _interrupt_exit(exc: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(exc, TerminatedError) else EXIT_INTERRUPTED
+
+
+@click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--task", "task_name", metavar="T", help="Registered task name (see `runner list`).")
+@click.option("--estimator", "estimator_name", metavar="E", help="Registered estimator name.")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a task or estimator config field (prefix task./estimator. when ambiguous). Repeatable.",
+)
+@click.option("--epochs", type=int, default=None, help="Epochs to train (default: the task's paper value).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for every RNG.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LVZOO_DATA",
+    default=None,
+    help="Dataset directory passed to the task [env: LVZOO_DATA].",
+)
+@click.option("--resume", default=None, metavar="RUN", help="Continue a run: its MLflow run id or its run dir.")
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where checkpoints go (default: <cwd>/runs/<run id>).",
+)
+@click.pass_context
+def main(
+    ctx: click.Context,
+    task_name: str | None,
+    estimator_name: str | None,
+    assignments: tuple[str, ...],
+    epochs: int | None,
+    seed: int,
+    device: str,
+    tracking_uri: str | None,
+    data_dir: Path | None,
+    resume: str | None,
+    run_dir: Path | None,
+) -> None:
+    """Train TASK with ESTIMATOR and track the run in MLflow (or run a subcommand)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if resume is None and (task_name is None or estimator_name is None):
+        raise _OneLineError("--task and --estimator are required (or --resume RUN); see `runner list`")
+    try:
+        result = train(
+            task_name,
+            estimator_name,
+            overrides=parse_assignments(assignments),
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            tracking_uri=tracking_uri,
+            data_dir=data_dir,
+            resume=resume,
+            run_dir=run_dir,
+        )
+    except ConfigError as exc:
+        raise _OneLineError(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        click.echo(f"interrupted: {type(exc).__name__}; the run is marked KILLED", err=True)
+        sys.exit(_interrupt_exit(exc))
+    click.echo(f"run {result.run_id} finished; checkpoint {result.checkpoint}")
+    click.echo(json.dumps({f"test_{key}": value for key, value in result.test_metrics.items()}, sort_keys=True))
+
+
+def _format_default(value: Any) -> str:
+    if value is None or isinstance(value, (bool, int, float, str, tuple)):
+        return repr(value)
+    factory = getattr(value, "factory", None)
+    return f"{factory.__name__}()" if callable(factory) else repr(value)
+
+
+def _config_lines(config_class: type[Any]) -> list[str]:
+    rows = describe_config(config_class)
+    if not rows:
+        return ["      (no hyper-parameters)"]
+    return [f"      {name}: {type_name} = {_format_default(default)}" for name, type_name, default in rows]
+
+
+@main.command("list")
+def list_plugins() -> None:
+    """Show registered tasks and estimators with their typed hyper-parameters and defaults."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tasks, task_failures = registry.tasks.load_all()
+        estimators, estimator_failures = registry.estimators.load_all()
+    lines = ["Tasks:"]
+    for name, task_cls in tasks.items():
+        lines.append(f"  {name}  (default epochs: {getattr(task_cls, 'default_epochs', '?')})")
+        lines.append("    task config:")
+        lines.extend(_config_lines(task_cls.config_class))
+    if not tasks:
+        lines.append("  (none importable)")
+    lines.append("Estimators:")
+    for name, estimator_cls in estimators.items():
+        spaces = ", ".join(space.__name__ for space in estimator_cls.supported_spaces)
+        lines.append(f"  {name}  (latent spaces: {spaces})")
+        lines.append("    estimator config:")
+        lines.extend(_config_lines(estimator_cls.config_class))
+    if not estimators:
+        lines.append("  (none importable)")
+    failures = {**{f"task {k}": v for k, v in task_failures.items()}, **{f"estimator {k}": v for k, v in estimator_failures.items()}}
+    if failures:
+        lines.append("Plugins that failed to import:")
+        lines.extend(f"  {what}: {one_line(cause)}" for what, cause in failures.items())
+    click.echo("\n".join(lines))
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+@click.option("--final", is_flag=True, help="Use the task's expensive final protocol (e.g. many IS samples).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LVZOO_DATA",
+    default=None,
+    help="Dataset directory passed to the task [env: LVZOO_DATA].",
+)
+def eval_checkpoint(checkpoint: Path, split: Split, final: bool, device: str, data_dir: Path | None) -> None:
+    """Evaluate CHECKPOINT (a checkpoint file or run dir) and print its metrics as JSON."""
+    try:
+        metrics = evaluate_checkpoint(checkpoint, split, final=final, device=device, data_dir=data_dir)
+    except ConfigError as exc:
+        raise _OneLineError(str(exc)) from None
+    click.echo(json.dumps(metrics, sort_keys=True))

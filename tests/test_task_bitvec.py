@@ -1,0 +1,386 @@
+"""The bit-vector VAE task and model: chunked likelihood, importance-sampled NLL against exact enumeration,
+ELBO bounds, training steps, evaluation, artifacts and configuration.
+
+Uses the real Fashion-MNIST files when ``/work/shared/data`` holds them, generated uint8 images otherwise.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lvzoo import registry
+from lvzoo.estimators.base import Estimator, EstimatorConfig, EstimatorResult, LossFn, SparseDistribution
+from lvzoo.estimators.spaces import BitVector
+from lvzoo.estimators.topk import TopKSparsemax, TopKSparsemaxConfig, topk_sparsemax
+from lvzoo.models.bitvec import PIXELS, BitVectorVAEModel
+from lvzoo.tasks.bitvec import (
+    VALIDATION_SIZE,
+    BitVectorVAEConfig,
+    BitVectorVAETask,
+    bernoulli_entropy,
+    bernoulli_importance_samples,
+    distortion_fn,
+    log_mean_exp,
+    sparse_log_marginal_terms,
+    sparse_posterior,
+)
+from lvzoo.tasks.data import load_images
+
+SHARED_DATA = Path("/work/shared/data")
+TINY_BITS = 4
+LOG2 = math.log(2.0)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = (0x08 << 8 | array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real data root, or a generated Fashion-MNIST-shaped one (300 train + 5000 validation, 100 test)."""
+    if (SHARED_DATA / "FashionMNIST" / "raw").is_dir():
+        return SHARED_DATA
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 300 + VALIDATION_SIZE), ("t10k", 100)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(data_dir: Path) -> Tensor:
+    """The first 8 training images, uint8 ``[8, 784]``."""
+    train, _ = load_images("FashionMNIST", "train", data_dir)
+    return train[:8].reshape(-1, PIXELS)
+
+
+def _tiny_model(seed: int = 0) -> BitVectorVAEModel:
+    torch.manual_seed(seed)
+    return BitVectorVAEModel(TINY_BITS, hidden=32, chunk_rows=64).double()
+
+
+def _exact_log_marginal(model: BitVectorVAEModel, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log p(x) [B], log p(x|z) [B, 2^D])`` by enumerating every z (uniform prior)."""
+    table = BitVector(model.bits).enumerate().double()
+    batch, count = x.shape[0], table.shape[0]
+    with torch.no_grad():
+        log_likelihood = model.log_likelihood(table.repeat(batch, 1), x.repeat_interleave(count, 0))
+    log_likelihood = log_likelihood.reshape(batch, count)
+    return torch.logsumexp(log_likelihood, -1) - model.bits * LOG2, log_likelihood
+
+
+def _task(data_dir: Path, estimator: str = "topksparse", **config: Any) -> BitVectorVAETask:
+    settings: dict[str, Any] = {"bits": 8, "train_limit": 96, "eval_limit": 12, "is_samples": 4}
+    settings.update(config)
+    return BitVectorVAETask(BitVectorVAEConfig(**settings), estimator, data_dir, torch.device("cpu"))
+
+
+def _estimator(task: BitVectorVAETask) -> Any:
+    cls = registry.estimators.load(task.estimator_name)
+    config = cls.config_class(**task.estimator_defaults().estimator_config)
+    return cls(task.latent_space(), config, input_dim=task.encoder_input_dim())
+
+
+# -- registration --------------------------------------------------------------------------------------------
+
+
+def test_task_and_model_are_registered() -> None:
+    assert registry.tasks.load("bitvec") is BitVectorVAETask
+    assert registry.models.load("bitvec") is BitVectorVAEModel
+
+
+# -- likelihood ---------------------------------------------------------------------------------------------
+
+
+def test_chunked_likelihood_equals_naive_log_softmax_values_and_gradients(images: Tensor) -> None:
+    torch.manual_seed(1)
+    model = BitVectorVAEModel(TINY_BITS, hidden=16, chunk_rows=3).double()
+    rows = 7  # not a multiple of the chunk
+    z = torch.rand(rows, TINY_BITS, dtype=torch.float64, requires_grad=True)  # relaxed rows (Gumbel) too
+    x = images[torch.arange(rows) % images.shape[0]]
+
+    def naive() -> Tensor:
+        logits = model.pixel_output(model.pixel_features(z))  # [R, 784, 256]
+        return F.log_softmax(logits, -1).gather(-1, x.long().unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    params = [z, *model.decoder.parameters(), *model.pixel_output.parameters()]
+    upstream = torch.randn(rows, dtype=torch.float64)
+    chunked_value = model.log_likelihood(z, x)
+    chunked_grads = torch.autograd.grad((chunked_value * upstream).sum(), params)
+    naive_value = naive()
+    naive_grads = torch.autograd.grad((naive_value * upstream).sum(), params)
+    torch.testing.assert_close(chunked_value, naive_value, rtol=1e-10, atol=1e-8)
+    for chunked, reference in zip(chunked_grads, naive_grads):
+        torch.testing.assert_close(chunked, reference, rtol=1e-9, atol=1e-9)
+
+
+def test_likelihood_does_not_depend_on_the_chunk_size(images: Tensor) -> None:
+    model = _tiny_model()
+    z = torch.randint(0, 2, (images.shape[0], TINY_BITS)).double()
+    values = []
+    for chunk in (1, 3, 64):
+        model.chunk_rows = chunk
+        values.append(model.log_likelihood(z, images))
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(values[0], values[2], rtol=1e-12, atol=1e-9)
+
+
+# -- importance-sampled NLL against exact enumeration --------------------------------------------------------
+
+
+def _assert_unbiased(point_mass: Tensor, ratios: Tensor) -> None:
+    """``point_mass [B] + mean(ratios [B, M])`` estimates 1 per example: check within 5 standard errors."""
+    mean = point_mass + ratios.mean(-1)
+    standard_error = ratios.std(-1) / math.sqrt(ratios.shape[-1])
+    assert bool((standard_error < 0.5).all()), standard_error  # the check below is informative
+    assert bool(((mean - 1).abs() <= 5 * standard_error + 1e-9).all()), (mean, standard_error)
+
+
+def test_bernoulli_importance_sampling_matches_exact_marginal(images: Tensor) -> None:
+    model = _tiny_model()
+    x = images[:2]
+    exact, log_likelihood_table = _exact_log_marginal(model, x)
+    scores = model.encode(x).detach()
+    generator = torch.Generator().manual_seed(0)
+    log_likelihood, log_weights = bernoulli_importance_samples(model, scores, x, 256, generator, pass_rows=200)
+    assert log_weights.shape == (2, 256)
+    # p(x) = E_q[w] exactly: the normalized weights average to 1
+    _assert_unbiased(torch.zeros(2, dtype=torch.float64), torch.exp(log_weights - exact.unsqueeze(1)))
+    # the log-mean-exp estimate is close to the exact log-marginal
+    assert bool(((log_mean_exp(log_weights, -1) - exact).abs() < 0.5).all())
+    # every sampled log-likelihood is one of the enumerated ones
+    assert bool(torch.isclose(log_likelihood.unsqueeze(-1), log_likelihood_table.unsqueeze(1)).any(-1).all())
+
+
+def test_sparse_split_estimate_matches_exact_marginal(images: Tensor) -> None:
+    model = _tiny_model()
+    x = images[:2]
+    exact, _ = _exact_log_marginal(model, x)
+    scores = model.encode(x).detach()
+    estimator = TopKSparsemax(BitVector(TINY_BITS), TopKSparsemaxConfig(k=5))
+    posterior = sparse_posterior(estimator, scores, distortion_fn(model, x))
+    generator = torch.Generator().manual_seed(1)
+    support_term, complement = sparse_log_marginal_terms(
+        model, posterior.distribution, -posterior.losses, x, 256, generator, pass_rows=200
+    )
+    # samples landing in the support count zero: about |S| / 2^D of them
+    in_support = torch.isinf(complement).double().mean(-1)
+    support_size = posterior.result.support.double()
+    expected = support_size / 2**TINY_BITS
+    assert bool(((in_support - expected).abs() <= 5 * torch.sqrt(expected * (1 - expected) / 256)).all())
+    _assert_unbiased(torch.exp(support_term - exact), torch.exp(complement - exact.unsqueeze(1)))
+    estimate = torch.logaddexp(support_term, log_mean_exp(complement, -1))
+    assert bool(((estimate - exact).abs() < 0.5).all())
+
+
+def test_sparse_split_estimate_is_exact_when_the_support_covers_every_vector(images: Tensor) -> None:
+    model = _tiny_model()
+    x = images[:2]
+    exact, log_likelihood_table = _exact_log_marginal(model, x)
+    table = BitVector(TINY_BITS).enumerate().double()
+    count = table.shape[0]
+    everything = SparseDistribution(
+        z_rows=table.repeat(2, 1),
+        example_index=torch.arange(2).repeat_interleave(count),
+        probs=torch.full((2 * count,), 1.0 / count, dtype=torch.float64),
+        num_examples=2,
+    )
+    support_term, complement = sparse_log_marginal_terms(
+        model, everything, log_likelihood_table.reshape(-1), x, 32, torch.Generator().manual_seed(2), 20
+    )
+    assert bool(torch.isneginf(complement).all())
+    torch.testing.assert_close(torch.logaddexp(support_term, log_mean_exp(complement, -1)), exact)
+
+
+# -- ELBO ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator_name", ["topksparse", "sparsemap"])
+def test_sparse_neg_elbo_bounds_the_exact_nll(images: Tensor, estimator_name: str) -> None:
+    model = _tiny_model()
+    x = images[:4]
+    exact, _ = _exact_log_marginal(model, x)
+    estimator = registry.estimators.load(estimator_name)(BitVector(TINY_BITS))
+    posterior = sparse_posterior(estimator, model.encode(x).detach(), distortion_fn(model, x))
+    neg_elbo = posterior.result.objective + TINY_BITS * LOG2 - posterior.result.entropy
+    assert bool((neg_elbo >= -exact - 1e-9).all())
+    # the same -ELBO from the recovered distribution
+    dist = posterior.distribution
+    plogq = dist.probs * (posterior.losses + TINY_BITS * LOG2 + torch.log(dist.probs))
+    recomputed = torch.zeros(4, dtype=torch.float64).index_add(0, dist.example_index, plogq)
+    torch.testing.assert_close(neg_elbo, recomputed)
+
+
+def test_bernoulli_neg_elbo_bounds_the_exact_nll(images: Tensor) -> None:
+    model = _tiny_model()
+    x = images[:4]
+    exact, log_likelihood_table = _exact_log_marginal(model, x)
+    scores = model.encode(x).detach()
+    table = BitVector(TINY_BITS).enumerate().double()
+    log_q = (table * F.logsigmoid(scores).unsqueeze(1) + (1 - table) * F.logsigmoid(-scores).unsqueeze(1)).sum(-1)
+    q = log_q.exp()
+    torch.testing.assert_close(bernoulli_entropy(scores), -(q * log_q).sum(-1))
+    neg_elbo = -(q * log_likelihood_table).sum(-1) + TINY_BITS * LOG2 - bernoulli_entropy(scores)
+    assert bool((neg_elbo >= -exact - 1e-9).all())
+
+
+# -- sparse posterior recovery --------------------------------------------------------------------------------
+
+
+def test_sparse_posterior_recovers_the_topk_distribution(images: Tensor) -> None:
+    model = _tiny_model()
+    x = images[:4]
+    scores = model.encode(x).detach()
+    estimator = TopKSparsemax(BitVector(TINY_BITS), TopKSparsemaxConfig(k=5))
+    posterior = sparse_posterior(estimator, scores, distortion_fn(model, x))
+    z, q = topk_sparsemax(scores, 5)
+    example_index, slot = torch.nonzero(q > 0, as_tuple=True)
+    torch.testing.assert_close(posterior.distribution.z_rows, z[example_index, slot])
+    torch.testing.assert_close(posterior.distribution.probs, q[example_index, slot])
+    torch.testing.assert_close(posterior.result.support, torch.bincount(example_index, minlength=4))
+
+
+class _DoubledLoss(Estimator[EstimatorConfig]):
+    """Not a marginalization: the surrogate is twice the loss of the MAP row."""
+
+    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
+        index = torch.arange(scores.shape[0])
+        losses = loss_fn((scores > 0).to(scores.dtype), index)
+        return EstimatorResult(
+            surrogate=2 * losses,
+            objective=losses.detach(),
+            entropy=torch.zeros_like(losses),
+            support=torch.ones_like(index),
+        )
+
+
+def test_sparse_posterior_refuses_an_estimator_that_does_not_marginalize(images: Tensor) -> None:
+    model = _tiny_model()
+    x = images[:4]
+    with pytest.raises(ValueError, match="_DoubledLoss does not marginalize"):
+        sparse_posterior(_DoubledLoss(BitVector(TINY_BITS)), model.encode(x).detach(), distortion_fn(model, x))
+
+
+# -- the task end to end -------------------------------------------------------------------------------------
+
+
+def test_splits_follow_the_papers_code(data_dir: Path) -> None:
+    task = _task(data_dir, train_limit=None, eval_limit=None)
+    train_file, _ = load_images("FashionMNIST", "train", data_dir)
+    test_file, _ = load_images("FashionMNIST", "test", data_dir)
+    flat = train_file.reshape(-1, PIXELS)
+    splits = task._data()
+    assert splits["train"].dtype == torch.uint8
+    assert torch.equal(splits["train"], flat[:-VALIDATION_SIZE])
+    assert torch.equal(splits["val"], flat[-VALIDATION_SIZE:])
+    assert torch.equal(splits["test"], test_file.reshape(-1, PIXELS))
+    if data_dir == SHARED_DATA:
+        assert splits["train"].shape[0] == 55_000 and splits["test"].shape[0] == 10_000
+
+
+def test_train_batches_cover_the_training_split_once(data_dir: Path) -> None:
+    task = _task(data_dir, batch_size=40)
+    batches = list(task.train_batches(torch.Generator().manual_seed(0)))
+    assert len(batches) == task.steps_per_epoch() == 3
+    seen = torch.cat(batches)
+    assert seen.shape == (96, PIXELS) and seen.dtype == torch.uint8
+    assert sorted(map(bytes, seen.numpy())) == sorted(map(bytes, task._data()["train"].numpy()))
+
+
+def test_training_steps_with_topksparse_give_finite_loss_and_gradients(data_dir: Path) -> None:
+    task = _task(data_dir, batch_size=8)
+    torch.manual_seed(0)
+    model = task.build_model()
+    estimator = _estimator(task)
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.estimator_defaults().lr)
+    for _, batch in zip(range(2), task.train_batches(torch.Generator().manual_seed(0))):
+        optimizer.zero_grad()
+        step = task.train_step(model, estimator, batch)
+        step.loss.backward()
+        assert bool(torch.isfinite(step.loss))
+        for name, parameter in model.named_parameters():
+            assert parameter.grad is not None and bool(torch.isfinite(parameter.grad).all()), name
+        optimizer.step()
+    for key in ("loss", "neg_elbo", "rate", "distortion", "support_mean", "support_median"):
+        assert bool(torch.isfinite(step.metrics[key])) and not step.metrics[key].requires_grad, key
+    assert step.support.shape == (8,)
+    assert bool((step.support >= 1).all() and (step.support <= 10).all())
+    # with entropy_coef 1 the loss is the -ELBO (top-k marginalization is exact)
+    torch.testing.assert_close(step.metrics["loss"], step.metrics["neg_elbo"])
+    assert float(step.metrics["rate"]) <= 8 * LOG2 + 1e-5
+
+
+@pytest.mark.parametrize("estimator_name", ["topksparse", "sfe"])
+def test_evaluate_returns_finite_metrics(data_dir: Path, estimator_name: str) -> None:
+    task = _task(data_dir, estimator_name, eval_batch_size=5, is_pass_rows=16)
+    torch.manual_seed(0)
+    model = task.build_model()
+    estimator = _estimator(task)
+    metrics = task.evaluate(model, estimator, "val")
+    assert set(metrics) == {
+        "neg_elbo", "rate", "distortion", "nll", "bits_per_dim", "support_mean", "support_median"
+    }
+    assert all(math.isfinite(value) for value in metrics.values()), metrics
+    assert metrics["neg_elbo"] == pytest.approx(metrics["rate"] + metrics["distortion"])
+    assert metrics["bits_per_dim"] == pytest.approx(metrics["nll"] / (PIXELS * LOG2))
+    assert 0 <= metrics["rate"] <= 8 * LOG2 + 1e-4
+    assert model.training and estimator.training  # modes restored
+    assert task.evaluate(model, estimator, "val") == metrics  # seeded importance samples
+
+
+def test_save_artifacts_writes_a_png(data_dir: Path, tmp_path: Path) -> None:
+    task = _task(data_dir)
+    torch.manual_seed(0)
+    paths = task.save_artifacts(task.build_model(), _estimator(task), tmp_path)
+    assert paths == [tmp_path / "reconstructions.png"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- configuration and defaults ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"bits": 0}, "bits must be a positive int, got 0"),
+        ({"bits": -4}, "bits must be a positive int, got -4"),
+        ({"bits": 32, "budget": 33}, r"budget must be None or an int in \[1, bits=32\], got 33"),
+        ({"bits": 8, "budget": 0}, r"budget must be None or an int in \[1, bits=8\], got 0"),
+        ({"is_samples": 0}, "is_samples must be a positive int, got 0"),
+        ({"likelihood_chunk": -1}, "likelihood_chunk must be a positive int, got -1"),
+    ],
+)
+def test_config_validators_name_the_bad_value(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BitVectorVAEConfig(**settings)
+
+
+def test_estimator_defaults_follow_the_papers_table() -> None:
+    cpu = torch.device("cpu")
+
+    def defaults(name: str, **config: Any) -> Any:
+        return BitVectorVAETask(BitVectorVAEConfig(**config), name, None, cpu).estimator_defaults()
+
+    assert defaults("topksparse").lr == 2e-3 and dict(defaults("topksparse").estimator_config) == {"k": 10}
+    assert defaults("topksparse", bits=128).lr == 1e-3
+    assert defaults("sparsemap").batch_size == 64 and defaults("sparsemap", bits=128, budget=64).batch_size == 16
+    assert dict(defaults("stgumbel", bits=128).estimator_config) == {"decay_rate": 1e-5, "update_every": 1000}
+    assert dict(defaults("gumbel", bits=128).estimator_config) == {"decay_rate": 1e-4, "update_every": 1000}
+    assert defaults("nvil", bits=128).lr == 5e-4 and defaults("nvil").lr == 1e-3
+    assert all(defaults(name).entropy_coef == 1.0 for name in ("sfe", "sfe+", "nvil", "sparsemap"))
+    task = BitVectorVAETask(BitVectorVAEConfig(bits=32, budget=16), "sparsemap", None, cpu)
+    assert task.latent_space() == BitVector(32, 16)
+    assert task.encoder_input_dim() == PIXELS and BitVectorVAETask.default_epochs == 100
