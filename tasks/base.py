@@ -74,6 +74,12 @@ class Task(abc.ABC, Generic[TC]):
     config_class: ClassVar[type[TaskConfig]] = TaskConfig
     #: Epochs of a full paper run (the runner's ``--epochs`` overrides it).
     default_epochs: ClassVar[int] = 1
+    #: The estimators the paper compares on this task (registry names); ``runner reproduce`` runs these.
+    paper_estimators: ClassVar[tuple[str, ...]] = ()
+
+    def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Extra labelled paper variants ``label -> (estimator, task-config overrides)`` (e.g. a budgeted one)."""
+        return {}
 
     def __init__(self, config: TC, estimator_name: str, data_dir: Path | None, device: torch.device) -> None:
         self.config = config

@@ -311,6 +311,7 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
 
     config_class = BitVectorVAEConfig
     default_epochs = 100
+    paper_estimators = ("sfe", "sfe+", "nvil", "gumbel", "stgumbel", "topksparse", "sparsemap")
 
     def __init__(
         self, config: BitVectorVAEConfig, estimator_name: str, data_dir: Path | None, device: torch.device
@@ -339,6 +340,10 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         return self._splits
 
     # -- Task interface -------------------------------------------------------------------------------------
+    def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """SparseMAP with the paper's budget B = D/2."""
+        return {"sparsemap-budget": ("sparsemap", {"budget": self.config.bits // 2})}
+
     def latent_space(self) -> BitVector:
         """``BitVector(bits, budget)``."""
         return BitVector(self.config.bits, self.config.budget)

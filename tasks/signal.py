@@ -115,6 +115,7 @@ class SignalGameTask(Task[SignalGameConfig]):
 
     config_class: ClassVar[type[TaskConfig]] = SignalGameConfig
     default_epochs: ClassVar[int] = 500
+    paper_estimators = ("sfe", "sfe+", "nvil", "gumbel", "stgumbel", "softmax", "sparsemax")
 
     def __init__(
         self, config: SignalGameConfig, estimator_name: str, data_dir: Path | None, device: torch.device
