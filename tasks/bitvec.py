@@ -7,8 +7,9 @@ distortion ``loss_fn(z_rows, example_index) = -log p(x | z)``; per example
 
     -ELBO = E_q[-log p(x|z)] + D log 2 - H(q)      (rate = KL(q || p) = D log 2 - H(q)),
 
-with ``H`` the exact entropy of the sparse ``q`` for the sparse estimators (``topksparse``, ``sparsemap``) and the
-analytic Bernoulli entropy for the sampling and relaxed estimators. The training loss is the batch mean of
+with ``H`` the exact entropy of the sparse ``q`` for the marginalizing estimators (``topksparse``, ``sparsemap``, any
+:class:`~lvzoo.estimators.base.MarginalizingEstimator`) and the analytic Bernoulli entropy for the sampling and
+relaxed estimators. The training loss is the batch mean of
 ``surrogate + D log 2 - entropy_coef * entropy`` (``entropy_coef = 1`` is the ELBO).
 
 Data: the first 55,000 training images train, the last 5,000 validate (the paper's code; the paper's text says
@@ -16,16 +17,16 @@ Data: the first 55,000 training images train, the last 5,000 validate (the paper
 
 Held-out negative log-likelihood, in bits per dimension ``-log p(x) / (784 ln 2)``:
 
-- factorised Bernoulli posteriors (every estimator but the sparse ones): importance sampling with ``q`` as the
+- factorised Bernoulli posteriors (every estimator that does not marginalize): importance sampling with ``q`` as the
   proposal, ``log p(x) ~= logmeanexp_s [log p(x|z_s) + log p(z_s) - log q(z_s|x)]``, ``z_s ~ q``;
-- sparse posteriors: ``p(x) = sum_{z in S} p(z) p(x|z) + E_{z ~ p}[1(z not in S) p(x|z)]`` with ``S`` the
-  posterior's support; the first sum is exact, the second is estimated with samples from the uniform prior whose
-  draws that land in ``S`` count zero (no double counting); the two are combined by log-sum-exp.
+- sparse posteriors (a :class:`~lvzoo.estimators.base.MarginalizingEstimator`):
+  ``p(x) = sum_{z in S} p(z) p(x|z) + E_{z ~ p}[1(z not in S) p(x|z)]`` with ``S`` the posterior's support; the
+  first sum is exact, the second is estimated with samples from the uniform prior whose draws that land in ``S``
+  count zero (no double counting); the two are combined by log-sum-exp.
 
-The sparse posterior is read off the estimator itself (:func:`sparse_posterior`): it is called once with a
-recording loss, and since a marginalizing estimator's surrogate is ``sum_z q(z) loss(z)``, the derivative of the
-surrogate with respect to each row's loss is that row's probability ``q(z)``. The prior stays uniform over all
-``2^D`` vectors when a budget restricts the posterior (as in the paper's code).
+The sparse posterior is the estimator's own ``distribution(scores)``; its rows' losses are computed once and give
+both the exact distortion and entropy (:func:`~lvzoo.estimators.base.expectation`) and the exact support term.
+The prior stays uniform over all ``2^D`` vectors when a budget restricts the posterior (as in the paper's code).
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn, SparseDistribution, evaluate_rows
+from lvzoo.estimators.base import (
+    Estimator,
+    LossFn,
+    MarginalizingEstimator,
+    SparseDistribution,
+    evaluate_rows,
+    expectation,
+)
 from lvzoo.estimators.spaces import BitVector
 from lvzoo.models.bitvec import PIXELS, BitVectorVAEModel
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
@@ -50,8 +58,6 @@ from lvzoo.tasks.data import load_images, minibatch_indices
 LOG2 = math.log(2.0)
 #: Images at the end of the training file that form the validation split (the paper's code: 55,000-59,999).
 VALIDATION_SIZE = 5000
-#: Estimators whose posterior is a sparse distribution (evaluated exactly on its support).
-SPARSE_ESTIMATORS = frozenset({"topksparse", "sparsemap"})
 #: Seed of the importance-sampling draws of :meth:`BitVectorVAETask.evaluate` (same draws at every evaluation).
 EVAL_SEED = 1234
 #: Paper learning rates, ``(D = 32, D = 128)``; ``sumsample`` is not in the paper's table (SFE's rates are used).
@@ -153,56 +159,6 @@ def bernoulli_importance_samples(
         log_likelihoods.append(log_likelihood)
         log_weights.append(log_likelihood - bits * LOG2 - bernoulli_log_prob(scores.unsqueeze(1), z))
     return torch.cat(log_likelihoods, 1), torch.cat(log_weights, 1)
-
-
-@attrs.frozen
-class SparsePosterior:
-    """A sparse posterior read off an estimator: its nonzero rows (``distribution``), their losses ``[R]`` and the
-    estimator's own result for the batch (objective, entropy, support)."""
-
-    distribution: SparseDistribution
-    losses: Tensor
-    result: EstimatorResult
-
-
-def sparse_posterior(
-    estimator: Estimator[Any], scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None
-) -> SparsePosterior:
-    """Call a marginalizing estimator once on ``scores [B, D]`` and recover its distribution.
-
-    The loss call is recorded (rows, example indices, detached losses) and a zero-valued probe is added to the
-    returned losses: the surrogate of a marginalizing estimator is ``sum_z q(z) loss(z)``, so its gradient with
-    respect to the probe is ``q`` row by row. Raises ``ValueError`` if the recovered probabilities are not a
-    distribution per example (the estimator does not marginalize). Rows with ``q = 0`` are dropped.
-    """
-    recorded: dict[str, Tensor] = {}
-
-    def recording_loss(z_rows: Tensor, example_index: Tensor) -> Tensor:
-        with torch.no_grad():
-            losses = evaluate_rows(loss_fn, z_rows, example_index)
-        recorded.update(z_rows=z_rows.detach(), example_index=example_index, losses=losses)
-        recorded["probe"] = torch.zeros_like(losses, requires_grad=True)
-        return losses + recorded["probe"]
-
-    with torch.enable_grad():
-        result = estimator(scores, recording_loss, encoder_input)
-        (probs,) = torch.autograd.grad(result.surrogate.sum(), recorded["probe"], allow_unused=True)
-    name = type(estimator).__name__
-    batch = scores.shape[0]
-    if probs is None:
-        raise ValueError(f"{name} does not marginalize: its surrogate does not depend on the losses")
-    totals = torch.zeros(batch, dtype=probs.dtype, device=probs.device).index_add(0, recorded["example_index"], probs)
-    if bool((probs < 0).any()) or not torch.allclose(totals, torch.ones_like(totals), atol=1e-4):
-        raise ValueError(f"{name} does not marginalize: d surrogate / d loss is not a distribution per example")
-    keep = probs > 0
-    distribution = SparseDistribution(
-        z_rows=recorded["z_rows"][keep],
-        example_index=recorded["example_index"][keep],
-        probs=probs[keep],
-        num_examples=batch,
-    )
-    detached = attrs.evolve(result, surrogate=result.surrogate.detach(), entropy=result.entropy.detach())
-    return SparsePosterior(distribution=distribution, losses=recorded["losses"][keep], result=detached)
 
 
 def pad_by_example(values: Tensor, example_index: Tensor, num_examples: int, fill: float) -> tuple[Tensor, Tensor]:
@@ -456,18 +412,18 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         scores = model.encode(images)
         prior_term = self.config.bits * LOG2
         loss_fn = distortion_fn(model, images)
-        encoder_input = images.to(scores.dtype) / 255.0
         pass_rows = self.config.is_pass_rows
-        if self.estimator_name in SPARSE_ESTIMATORS:
-            posterior = sparse_posterior(estimator, scores, loss_fn, encoder_input)
-            distortion, entropy = posterior.result.objective, posterior.result.entropy
-            support = posterior.result.support
+        if isinstance(estimator, MarginalizingEstimator):
+            posterior = estimator.distribution(scores)
+            losses = evaluate_rows(loss_fn, posterior.z_rows, posterior.example_index)
+            result = expectation(posterior, losses)
+            distortion, entropy, support = result.objective, result.entropy, result.support
             support_term, complement = sparse_log_marginal_terms(
-                model, posterior.distribution, -posterior.losses, images, num_samples, generator, pass_rows
+                model, posterior, -losses, images, num_samples, generator, pass_rows
             )
             log_marginal = torch.logaddexp(support_term, log_mean_exp(complement, -1))
         else:
-            support = estimator(scores, loss_fn, encoder_input).support
+            support = estimator(scores, loss_fn, images.to(scores.dtype) / 255.0).support
             log_likelihood, log_weights = bernoulli_importance_samples(
                 model, scores, images, num_samples, generator, pass_rows
             )
@@ -488,9 +444,8 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         images = self._data()["test"][:ARTIFACT_IMAGES]
         with eval_mode(vae, estimator), torch.no_grad():
             scores = vae.encode(images)
-            if self.estimator_name in SPARSE_ESTIMATORS:
-                posterior = sparse_posterior(estimator, scores, distortion_fn(vae, images))
-                modes = most_probable_rows(posterior.distribution)
+            if isinstance(estimator, MarginalizingEstimator):
+                modes = most_probable_rows(estimator.distribution(scores))
             else:
                 modes = (scores > 0).to(scores.dtype)
             reconstructions = vae.most_likely_images(modes)
@@ -513,7 +468,6 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
 __all__ = [
     "BitVectorVAEConfig",
     "BitVectorVAETask",
-    "SparsePosterior",
     "bernoulli_entropy",
     "bernoulli_importance_samples",
     "bernoulli_log_prob",
@@ -523,5 +477,4 @@ __all__ = [
     "pack_bits",
     "pad_by_example",
     "sparse_log_marginal_terms",
-    "sparse_posterior",
 ]

@@ -12,7 +12,8 @@ from the test images with a fixed seed. ``train_limit`` caps the games per epoch
 Evaluation: ``success`` is the fraction of games where the receiver's argmax is the target when the sender sends
 the argmax of its scores; ``loss`` the mean estimator objective (the exact expected loss for marginalization, a
 Monte-Carlo estimate otherwise); ``support_mean`` the decoder calls per game; ``entropy`` the mean entropy of
-pi; for exact marginalization estimators also ``expected_success``, the exact ``E_pi[receiver argmax == target]``.
+pi; for marginalizing estimators (:class:`~lvzoo.estimators.base.MarginalizingEstimator`) also
+``expected_success``, the exact ``E_pi[receiver argmax == target]`` under the estimator's ``distribution(scores)``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator
-from lvzoo.estimators.marginal import MarginalEstimator
+from lvzoo.estimators.base import Estimator, MarginalizingEstimator, marginalize
 from lvzoo.estimators.spaces import Categorical, LatentSpace
 from lvzoo.models.signal import SignalGameModel
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
@@ -227,7 +227,6 @@ class SignalGameTask(Task[SignalGameConfig]):
         images, games = (
             (splits.train_images, splits.val_games) if split == "val" else (splits.test_images, splits.test_games)
         )
-        exact = isinstance(estimator, MarginalEstimator)
         modes = (model.training, estimator.training)
         model.eval()
         estimator.eval()
@@ -235,16 +234,15 @@ class SignalGameTask(Task[SignalGameConfig]):
         try:
             with torch.no_grad():
                 for batch in self._batches(images, games):
-                    for name, values in self._eval_batch(model, estimator, batch, exact).items():
+                    for name, values in self._eval_batch(model, estimator, batch).items():
                         sums[name] = sums.get(name, values.new_zeros(())) + values.sum()
         finally:
             model.train(modes[0])
             estimator.train(modes[1])
         return {name: float(total) / len(games) for name, total in sums.items()}
 
-    def _eval_batch(
-        self, model: SignalGameModel, estimator: Estimator[Any], batch: GameBatch, exact: bool
-    ) -> dict[str, Tensor]:
+    def _eval_batch(self, model: SignalGameModel, estimator: Estimator[Any], batch: GameBatch) -> dict[str, Tensor]:
+        """Per-game ``[B]`` metrics; ``expected_success`` is exact under a marginalizing estimator's distribution."""
         target_features = batch.target_features()
         scores = model(target_features)
         candidate_embeddings = model.receiver.embed_candidates(batch.candidates)
@@ -255,11 +253,11 @@ class SignalGameTask(Task[SignalGameConfig]):
             "support_mean": result.support.float(),
             "entropy": result.entropy,
         }
-        if exact:
+        if isinstance(estimator, MarginalizingEstimator):
 
             def error_fn(z_rows: Tensor, example_index: Tensor) -> Tensor:
                 log_probs = model.receiver.candidate_log_probs(candidate_embeddings, z_rows, example_index)
                 return (log_probs.argmax(-1) != batch.target.index_select(0, example_index)).to(log_probs.dtype)
 
-            values["expected_success"] = 1.0 - estimator(scores, error_fn, target_features).objective
+            values["expected_success"] = 1.0 - marginalize(estimator.distribution(scores), error_fn).objective
         return values

@@ -41,8 +41,9 @@ labelled set and no unlabelled batch is drawn.
   the loss is ``labelled_loss``.
 
 **Evaluation** (``evaluate``): ``accuracy`` of the classifier's argmax; ``neg_elbo``, the -ELBO above with the
-*exact* expectation over the 10 classes: under the estimator's own distribution when it is a marginalization
-estimator (softmax / sparsemax / entmax15, evaluated with the estimator itself, which is exact), and under
+*exact* expectation over the 10 classes: under the estimator's own distribution when it is a
+:class:`~lvzoo.estimators.base.MarginalizingEstimator` (softmax / sparsemax / entmax15 / any third-party exact
+estimator; evaluated with the estimator itself, which is exact), and under
 ``softmax(scores)`` for the Monte-Carlo and relaxed estimators; ``decoder_calls``, the mean support of the
 estimator run in eval mode (the estimator's state is restored afterwards). Images are binarized and ``h`` is
 sampled (one reparameterised draw per row) from a generator seeded with ``eval_seed``, so repeated evaluations of
@@ -64,8 +65,8 @@ from entmax import sparsemax_loss
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn
-from lvzoo.estimators.marginal import MarginalEstimator, SoftmaxMarginal
+from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn, MarginalizingEstimator
+from lvzoo.estimators.marginal import SoftmaxMarginal
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.models.ssvae import IMAGE_PIXELS, SSVAEModel
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
@@ -340,7 +341,7 @@ class SSVAETask(Task[SSVAEConfig]):
         else:
             raise ValueError(f"unknown split {split!r}; accepted: val, test")
         exact: Estimator[Any] = (
-            estimator if isinstance(estimator, MarginalEstimator) else SoftmaxMarginal(self.latent_space())
+            estimator if isinstance(estimator, MarginalizingEstimator) else SoftmaxMarginal(self.latent_space())
         )
         generator = torch.Generator(device=self.device).manual_seed(self.config.eval_seed)
         saved_state = {name: value.clone() for name, value in estimator.state_dict().items()}

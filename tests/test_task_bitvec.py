@@ -18,20 +18,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lvzoo import registry
-from lvzoo.estimators.base import Estimator, EstimatorConfig, EstimatorResult, LossFn, SparseDistribution
+from lvzoo.estimators.base import (
+    Estimator,
+    EstimatorConfig,
+    EstimatorResult,
+    LossFn,
+    MarginalizingEstimator,
+    SparseDistribution,
+    evaluate_rows,
+    expectation,
+)
 from lvzoo.estimators.spaces import BitVector
-from lvzoo.estimators.topk import TopKSparsemax, TopKSparsemaxConfig, topk_sparsemax
+from lvzoo.estimators.topk import TopKSparsemax, TopKSparsemaxConfig
 from lvzoo.models.bitvec import PIXELS, BitVectorVAEModel
 from lvzoo.tasks.bitvec import (
+    EVAL_SEED,
     VALIDATION_SIZE,
     BitVectorVAEConfig,
     BitVectorVAETask,
+    as_bitvec_model,
     bernoulli_entropy,
     bernoulli_importance_samples,
     distortion_fn,
     log_mean_exp,
     sparse_log_marginal_terms,
-    sparse_posterior,
 )
 from lvzoo.tasks.data import load_images
 
@@ -74,7 +84,7 @@ def _tiny_model(seed: int = 0) -> BitVectorVAEModel:
 
 def _exact_log_marginal(model: BitVectorVAEModel, x: Tensor) -> tuple[Tensor, Tensor]:
     """``(log p(x) [B], log p(x|z) [B, 2^D])`` by enumerating every z (uniform prior)."""
-    table = BitVector(model.bits).enumerate().double()
+    table = BitVector(model.bits).enumerate().to(next(model.parameters()).dtype)
     batch, count = x.shape[0], table.shape[0]
     with torch.no_grad():
         log_likelihood = model.log_likelihood(table.repeat(batch, 1), x.repeat_interleave(count, 0))
@@ -171,14 +181,13 @@ def test_sparse_split_estimate_matches_exact_marginal(images: Tensor) -> None:
     exact, _ = _exact_log_marginal(model, x)
     scores = model.encode(x).detach()
     estimator = TopKSparsemax(BitVector(TINY_BITS), TopKSparsemaxConfig(k=5))
-    posterior = sparse_posterior(estimator, scores, distortion_fn(model, x))
+    posterior = estimator.distribution(scores)
+    losses = evaluate_rows(distortion_fn(model, x), posterior.z_rows, posterior.example_index)
     generator = torch.Generator().manual_seed(1)
-    support_term, complement = sparse_log_marginal_terms(
-        model, posterior.distribution, -posterior.losses, x, 256, generator, pass_rows=200
-    )
+    support_term, complement = sparse_log_marginal_terms(model, posterior, -losses, x, 256, generator, pass_rows=200)
     # samples landing in the support count zero: about |S| / 2^D of them
     in_support = torch.isinf(complement).double().mean(-1)
-    support_size = posterior.result.support.double()
+    support_size = torch.bincount(posterior.example_index, minlength=2).double()
     expected = support_size / 2**TINY_BITS
     assert bool(((in_support - expected).abs() <= 5 * torch.sqrt(expected * (1 - expected) / 256)).all())
     _assert_unbiased(torch.exp(support_term - exact), torch.exp(complement - exact.unsqueeze(1)))
@@ -214,12 +223,14 @@ def test_sparse_neg_elbo_bounds_the_exact_nll(images: Tensor, estimator_name: st
     x = images[:4]
     exact, _ = _exact_log_marginal(model, x)
     estimator = registry.estimators.load(estimator_name)(BitVector(TINY_BITS))
-    posterior = sparse_posterior(estimator, model.encode(x).detach(), distortion_fn(model, x))
-    neg_elbo = posterior.result.objective + TINY_BITS * LOG2 - posterior.result.entropy
+    assert isinstance(estimator, MarginalizingEstimator)
+    dist = estimator.distribution(model.encode(x).detach())
+    losses = evaluate_rows(distortion_fn(model, x), dist.z_rows, dist.example_index)
+    result = expectation(dist, losses)
+    neg_elbo = result.objective + TINY_BITS * LOG2 - result.entropy
     assert bool((neg_elbo >= -exact - 1e-9).all())
-    # the same -ELBO from the recovered distribution
-    dist = posterior.distribution
-    plogq = dist.probs * (posterior.losses + TINY_BITS * LOG2 + torch.log(dist.probs))
+    # the same -ELBO written as sum_z q(z) [-log p(x|z) - log p(z) + log q(z)]
+    plogq = dist.probs * (losses + TINY_BITS * LOG2 + torch.log(dist.probs))
     recomputed = torch.zeros(4, dtype=torch.float64).index_add(0, dist.example_index, plogq)
     torch.testing.assert_close(neg_elbo, recomputed)
 
@@ -237,20 +248,24 @@ def test_bernoulli_neg_elbo_bounds_the_exact_nll(images: Tensor) -> None:
     assert bool((neg_elbo >= -exact - 1e-9).all())
 
 
-# -- sparse posterior recovery --------------------------------------------------------------------------------
+# -- which evaluation an estimator gets -------------------------------------------------------------------------
 
 
-def test_sparse_posterior_recovers_the_topk_distribution(images: Tensor) -> None:
-    model = _tiny_model()
-    x = images[:4]
-    scores = model.encode(x).detach()
-    estimator = TopKSparsemax(BitVector(TINY_BITS), TopKSparsemaxConfig(k=5))
-    posterior = sparse_posterior(estimator, scores, distortion_fn(model, x))
-    z, q = topk_sparsemax(scores, 5)
-    example_index, slot = torch.nonzero(q > 0, as_tuple=True)
-    torch.testing.assert_close(posterior.distribution.z_rows, z[example_index, slot])
-    torch.testing.assert_close(posterior.distribution.probs, q[example_index, slot])
-    torch.testing.assert_close(posterior.result.support, torch.bincount(example_index, minlength=4))
+class _EnumeratedBernoulli(MarginalizingEstimator[EstimatorConfig]):
+    """A plugin-style exact estimator: every one of the ``2^D`` vectors, weighted by the factorised Bernoulli."""
+
+    supported_spaces = (BitVector,)
+
+    def distribution(self, scores: Tensor) -> SparseDistribution:
+        table = BitVector(scores.shape[1]).enumerate().to(scores.dtype)  # [2^D, D]
+        batch, count = scores.shape[0], table.shape[0]
+        log_q = table @ F.logsigmoid(scores).T + (1 - table) @ F.logsigmoid(-scores).T  # [2^D, B]
+        return SparseDistribution(
+            z_rows=table.repeat(batch, 1),
+            example_index=torch.arange(batch).repeat_interleave(count),
+            probs=log_q.T.exp().reshape(-1),
+            num_examples=batch,
+        )
 
 
 class _DoubledLoss(Estimator[EstimatorConfig]):
@@ -267,11 +282,64 @@ class _DoubledLoss(Estimator[EstimatorConfig]):
         )
 
 
-def test_sparse_posterior_refuses_an_estimator_that_does_not_marginalize(images: Tensor) -> None:
-    model = _tiny_model()
-    x = images[:4]
-    with pytest.raises(ValueError, match="_DoubledLoss does not marginalize"):
-        sparse_posterior(_DoubledLoss(BitVector(TINY_BITS)), model.encode(x).detach(), distortion_fn(model, x))
+def _tiny_task(data_dir: Path) -> BitVectorVAETask:
+    """``D = TINY_BITS``, all 12 validation images in one evaluation batch."""
+    return _task(data_dir, "plugin", bits=TINY_BITS, eval_batch_size=12, is_pass_rows=64)
+
+
+def _count_decoder_rows(model: BitVectorVAEModel) -> list[int]:
+    """Record the number of rows of every ``model.log_likelihood`` call (the list is filled as calls happen)."""
+    calls: list[int] = []
+    log_likelihood = model.log_likelihood
+
+    def counting(z: Tensor, x: Tensor) -> Tensor:
+        calls.append(z.shape[0])
+        return log_likelihood(z, x)
+
+    model.log_likelihood = counting  # type: ignore[method-assign, assignment]
+    return calls
+
+
+def test_a_plugin_marginalizing_estimator_is_evaluated_exactly_on_its_support(data_dir: Path) -> None:
+    task = _tiny_task(data_dir)
+    torch.manual_seed(0)
+    model = as_bitvec_model(task.build_model())
+    images = task._data()["val"]
+    exact, log_likelihood_table = _exact_log_marginal(model, images)
+    calls = _count_decoder_rows(model)
+    metrics = task.evaluate(model, _EnumeratedBernoulli(task.latent_space()), "val")
+    count, samples = 2**TINY_BITS, task.config.is_samples
+    # the support rows are decoded once (distortion, entropy and support term share them), then the prior samples
+    assert sum(calls) == images.shape[0] * (count + samples)
+    assert metrics["support_mean"] == metrics["support_median"] == count
+    # S covers every vector: the split estimate is exact, the prior samples all count zero
+    assert metrics["nll"] == pytest.approx(float(-exact.mean()), rel=1e-5)
+    with torch.no_grad():
+        scores = model.encode(images)
+    entropy = bernoulli_entropy(scores)
+    q = _EnumeratedBernoulli(task.latent_space()).distribution(scores).probs.reshape(-1, count)
+    distortion = -(q * log_likelihood_table).sum(-1)
+    assert metrics["rate"] == pytest.approx(float((TINY_BITS * LOG2 - entropy).mean()), rel=1e-4, abs=1e-5)
+    assert metrics["distortion"] == pytest.approx(float(distortion.mean()), rel=1e-5)
+
+
+def test_a_non_marginalizing_estimator_gets_bernoulli_importance_sampling(data_dir: Path) -> None:
+    task = _tiny_task(data_dir)
+    torch.manual_seed(0)
+    model = as_bitvec_model(task.build_model())
+    images = task._data()["val"]
+    metrics = task.evaluate(model, _DoubledLoss(task.latent_space()), "val")
+    with torch.no_grad():
+        scores = model.encode(images)
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        log_likelihood, log_weights = bernoulli_importance_samples(
+            model, scores, images, task.config.is_samples, generator, task.config.is_pass_rows
+        )
+    assert metrics["support_mean"] == 1.0
+    assert metrics["nll"] == pytest.approx(float(-log_mean_exp(log_weights, -1).mean()), rel=1e-6)
+    assert metrics["distortion"] == pytest.approx(float(-log_likelihood.mean()), rel=1e-6)
+    expected_rate = float((TINY_BITS * LOG2 - bernoulli_entropy(scores)).mean())
+    assert metrics["rate"] == pytest.approx(expected_rate, rel=1e-5, abs=1e-6)
 
 
 # -- the task end to end -------------------------------------------------------------------------------------
@@ -309,7 +377,7 @@ def test_training_steps_with_topksparse_give_finite_loss_and_gradients(data_dir:
     for _, batch in zip(range(2), task.train_batches(torch.Generator().manual_seed(0))):
         optimizer.zero_grad()
         step = task.train_step(model, estimator, batch)
-        step.loss.backward()
+        torch.autograd.backward(step.loss)
         assert bool(torch.isfinite(step.loss))
         for name, parameter in model.named_parameters():
             assert parameter.grad is not None and bool(torch.isfinite(parameter.grad).all()), name

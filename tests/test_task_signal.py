@@ -22,7 +22,15 @@ from entmax import sparsemax
 from torch import Tensor
 
 from lvzoo import registry
-from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn
+from lvzoo.estimators.base import (
+    Estimator,
+    EstimatorConfig,
+    EstimatorResult,
+    LossFn,
+    MarginalizingEstimator,
+    SparseDistribution,
+    dense_to_sparse,
+)
 from lvzoo.estimators.gumbel import GumbelConfig, GumbelSoftmax
 from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.score_function import SFE
@@ -308,6 +316,31 @@ def test_evaluate_returns_finite_metrics(data_root: Path, estimator_name: str) -
     assert model.training and estimator.training  # modes restored
     if estimator_name == "softmax":
         assert metrics["support_mean"] == task.config.vocab_size
+
+
+class _PluginSparsemax(MarginalizingEstimator[EstimatorConfig]):
+    """A third-party-style exact estimator: sparsemax of the scores, defined outside the package."""
+
+    supported_spaces = (Categorical,)
+
+    def distribution(self, scores: Tensor) -> SparseDistribution:
+        return dense_to_sparse(sparsemax(scores, dim=-1), self.space)
+
+
+def test_expected_success_is_exact_under_a_plugin_estimators_distribution(data_root: Path) -> None:
+    task = _task(data_root, eval_limit=64)
+    model = _model(task)
+    metrics = task.evaluate(model, _PluginSparsemax(task.latent_space()), "val")
+    splits = task.splits()
+    games = splits.val_games
+    candidates = splits.train_images.lookup(games.candidates)  # [G, C, F]
+    with torch.no_grad():
+        probs = sparsemax(model(candidates[torch.arange(len(games)), games.target]), dim=-1)  # [G, V]
+        embedded = candidates @ model.receiver.image_embedding.weight.T  # [G, C, E]
+        guesses = (embedded @ model.receiver.symbol_embedding.weight.T).argmax(1)  # [G, V]: receiver's pick per symbol
+    expected = (probs * (guesses == games.target.unsqueeze(1))).sum(-1).mean()
+    assert bool((probs == 0).any())  # some symbols are out of the support
+    assert metrics["expected_success"] == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.parametrize("estimator_class", [SFE, GumbelSoftmax])

@@ -16,12 +16,17 @@ from entmax import sparsemax, sparsemax_loss
 from torch import Tensor
 
 from lvzoo import registry
-from lvzoo.estimators.base import Estimator
+from lvzoo.estimators.base import (
+    Estimator,
+    EstimatorConfig,
+    MarginalizingEstimator,
+    SparseDistribution,
+    dense_to_sparse,
+)
 from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.models.ssvae import SSVAEModel
-from lvzoo.registry import PluginLoadError
-from lvzoo.tasks.data import DataNotFoundError, find_root, load_ssvae_splits
+from lvzoo.tasks.data import DataNotFoundError, find_root, load_images, load_ssvae_splits
 from lvzoo.tasks.ssvae import SSVAEBatch, SSVAEConfig, SSVAETask, split_indices
 
 CPU = torch.device("cpu")
@@ -70,10 +75,7 @@ def make_task(data_dir: Path, estimator_name: str = "softmax", **overrides: Any)
 
 def load_estimator(task: SSVAETask) -> Estimator[Any]:
     """The registered estimator of ``task.estimator_name`` with the task's default estimator config."""
-    try:
-        cls = registry.estimators.load(task.estimator_name)
-    except PluginLoadError as exc:
-        pytest.skip(f"estimator {task.estimator_name} is not available yet: {exc}")
+    cls = registry.estimators.load(task.estimator_name)
     config = cls.config_class(**task.estimator_defaults().estimator_config)
     estimator: Estimator[Any] = cls(task.latent_space(), config, input_dim=task.encoder_input_dim())
     return estimator
@@ -126,15 +128,44 @@ def test_fallback_split_has_the_paper_sizes(tmp_path: Path) -> None:
     assert torch.equal(labelled, again[0]) and not torch.equal(labelled, other[0])
 
 
-def test_paper_split_files_are_used_when_present(data_dir: Path) -> None:
-    if not (data_dir / "ssvae-splits").is_dir():
-        pytest.skip("the paper's split files are not available")
-    splits = load_ssvae_splits(data_dir)
+def write_split_files(root: Path, labelled: np.ndarray, unlabelled: np.ndarray, validation: np.ndarray) -> None:
+    """The paper's split file layout, ``root/ssvae-splits/*.npy``."""
+    folder = root / "ssvae-splits"
+    folder.mkdir()
+    for stem, indices in (
+        ("labeled_train_indx", labelled),
+        ("unlabeled_train_indx", unlabelled),
+        ("validation_indx", validation),
+    ):
+        np.save(folder / f"{stem}.npy", indices)
+
+
+def test_split_files_are_used_when_present(data_dir: Path, tmp_path: Path) -> None:
+    # the shared paper split when the data root has it, otherwise small split files in a generated data dir
+    if (data_dir / "ssvae-splits").is_dir():
+        root, num_train, sizes = data_dir, 60_000, (5_000, 45_000, 10_000)
+    else:
+        root, num_train, sizes = tmp_path, 120, (10, 90, 20)
+        write_generated_mnist(root, num_train=num_train, num_test=20)
+        order = np.random.default_rng(5).permutation(num_train)
+        write_split_files(root, order[:10].astype(np.int32), order[10:100], order[100:])  # any integer dtype
+    splits = load_ssvae_splits(root)
     assert splits is not None
-    for got, expected in zip(split_indices(60_000, data_dir, split_seed=0), splits):
+    assert tuple(s.numel() for s in splits) == sizes and all(s.dtype == torch.int64 for s in splits)
+    assert torch.equal(torch.cat(splits).sort().values, torch.arange(num_train))  # a partition of train
+    for got, expected in zip(split_indices(num_train, root, split_seed=0), splits):
         assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="indexes image"):
-        split_indices(1_000, data_dir, split_seed=0)
+        split_indices(num_train - 1, root, split_seed=0)
+    # the task takes its images and labels at exactly those indices
+    task = SSVAETask(SSVAEConfig(eval_limit=20), "softmax", root, CPU)
+    train_images, train_labels = load_images("MNIST", "train", root)
+    flat = train_images.reshape(num_train, -1)
+    labelled, unlabelled, validation = splits
+    assert torch.equal(task.data.labelled_images, flat[labelled])
+    assert torch.equal(task.data.labelled_labels, train_labels[labelled])
+    assert torch.equal(task.data.unlabelled_images, flat[unlabelled])
+    assert torch.equal(task.data.val_labels, train_labels[validation[:20]])
 
 
 def test_generated_data_uses_a_seeded_split(tmp_path: Path) -> None:
@@ -324,6 +355,30 @@ def test_monte_carlo_estimators_are_evaluated_under_the_dense_softmax(data_dir: 
     assert metrics["decoder_calls"] == 1.0
     for name, value in estimator.state_dict().items():
         assert torch.equal(value, state[name]), name
+
+
+class _PluginSparsemax(MarginalizingEstimator[EstimatorConfig]):
+    """A third-party-style exact estimator: sparsemax of the scores, defined outside the package."""
+
+    supported_spaces = (Categorical,)
+
+    def distribution(self, scores: Tensor) -> SparseDistribution:
+        return dense_to_sparse(sparsemax(scores, dim=-1), self.space)
+
+
+def test_a_plugin_marginalizing_estimator_is_evaluated_under_its_own_distribution(data_dir: Path) -> None:
+    task = make_task(data_dir, "sparsemax")
+    torch.manual_seed(9)
+    model = task.build_model()
+    last_layer = model.classifier[-1]
+    assert isinstance(last_layer, torch.nn.Linear)
+    with torch.no_grad():  # a sharper classifier: sparsemax then differs clearly from the softmax fallback
+        last_layer.weight.mul_(20.0)
+    metrics = task.evaluate(model, _PluginSparsemax(task.latent_space()), "val")
+    assert metrics == task.evaluate(model, SparsemaxMarginal(task.latent_space()), "val")
+    assert metrics["decoder_calls"] < 10.0
+    softmax = task.evaluate(model, SoftmaxMarginal(task.latent_space()), "val")
+    assert metrics["neg_elbo"] != pytest.approx(softmax["neg_elbo"], rel=1e-3)
 
 
 def test_estimator_defaults_follow_the_paper(data_dir: Path) -> None:
