@@ -187,3 +187,101 @@ def eval_checkpoint(checkpoint: Path, split: Split, final: bool, device: str, da
     except ConfigError as exc:
         raise _OneLineError(str(exc)) from None
     click.echo(json.dumps(metrics, sort_keys=True))
+
+
+@main.command("reproduce")
+@click.option("--task", "task_name", metavar="T", help="Registered task name.")
+@click.option(
+    "--estimators",
+    default=None,
+    metavar="A,B,...",
+    help="Estimator names or paper-variant labels (default: the task's paper estimators and variants).",
+)
+@click.option("--epochs", type=int, default=None, help="Epochs per run (default: the task's paper value).")
+@click.option(
+    "--seeds",
+    "seeds_text",
+    default=None,
+    metavar="S1,S2,...",
+    help="Seeds (default: the paper's: 43..52 for ssvae, 322..331 for signal, 42 for bitvec).",
+)
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=None, help="Parallel worker processes (default: CPU count)."
+)
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a task or estimator config field for every run (e.g. train_limit=500). Repeatable.",
+)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LVZOO_DATA",
+    default=None,
+    help="Dataset directory passed to the task [env: LVZOO_DATA].",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Markdown report path (default: ./reproduce-<reproduce id>.md).",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--report-only",
+    default=None,
+    metavar="ID",
+    help="Rebuild the report of an earlier reproduction from MLflow (its reproduce id); trains nothing.",
+)
+def reproduce_command(
+    task_name: str | None,
+    estimators: str | None,
+    epochs: int | None,
+    seeds_text: str | None,
+    jobs: int | None,
+    assignments: tuple[str, ...],
+    tracking_uri: str | None,
+    data_dir: Path | None,
+    out: Path | None,
+    device: str,
+    report_only: str | None,
+) -> None:
+    """Train the task's paper estimator set for every seed, in parallel, and write a markdown results table.
+
+    Exits 1 (after writing the report) when any run failed.
+    """
+    from lvzoo.runners import reproduce
+
+    try:
+        if report_only is not None:
+            report = reproduce.report_from_mlflow(report_only, tracking_uri, task_name)
+        else:
+            if task_name is None:
+                raise _OneLineError("--task is required (or --report-only ID)")
+            plan = reproduce.plan_reproduction(
+                task_name,
+                None if estimators is None else [name.strip() for name in estimators.split(",") if name.strip()],
+                parse_assignments(assignments),
+                epochs=epochs,
+                seeds=None if seeds_text is None else reproduce.parse_seeds(seeds_text),
+                device=device,
+                data_dir=data_dir.resolve() if data_dir is not None else None,
+            )
+            report = reproduce.run_reproduction(
+                plan, jobs=jobs, tracking_uri=tracking_uri, echo=lambda line: click.echo(line, err=True)
+            )
+    except ConfigError as exc:
+        raise _OneLineError(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        click.echo(f"interrupted: {type(exc).__name__}; running runs are marked KILLED", err=True)
+        sys.exit(_interrupt_exit(exc))
+    text = reproduce.render_report(report)
+    path = out if out is not None else Path.cwd() / f"reproduce-{report.reproduce_id}.md"
+    path.write_text(text)
+    click.echo(text)
+    click.echo(f"report written to {path}", err=True)
+    if report.failed:
+        sys.exit(1)

@@ -246,12 +246,15 @@ def _build(plan: _Plan) -> _Components:
     if task is None:
         task = _construct_task(plan.task_cls, plan.task_config, plan.estimator_name, plan.data_dir, plan.device)
     model = task.build_model().to(plan.device)
+    space, input_dim = task.latent_space(), task.encoder_input_dim()
     try:
-        estimator = plan.estimator_cls(
-            task.latent_space(), plan.estimator_config, input_dim=task.encoder_input_dim()
-        ).to(plan.device)
+        estimator = plan.estimator_cls(space, plan.estimator_config, input_dim=input_dim).to(plan.device)
     except IncompatibleSpaceError as exc:
         raise ConfigError(f"task {plan.task_name!r} cannot use estimator {plan.estimator_name!r}: {exc}") from None
+    except ValueError as exc:  # e.g. top-k's k larger than the space: a config that does not fit this task
+        raise ConfigError(
+            f"estimator {plan.estimator_name!r} does not fit task {plan.task_name!r}: {one_line(str(exc))}"
+        ) from None
     parameters = list({id(p): p for p in [*model.parameters(), *estimator.parameters()]}.values())
     lr = plan.task_config.lr
     assert lr is not None, "resolve_task_config fills lr"

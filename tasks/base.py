@@ -76,6 +76,8 @@ class Task(abc.ABC, Generic[TC]):
     default_epochs: ClassVar[int] = 1
     #: The estimators the paper compares on this task (registry names); ``runner reproduce`` runs these.
     paper_estimators: ClassVar[tuple[str, ...]] = ()
+    #: The seeds of the paper's code for this task (``runner reproduce``'s default).
+    paper_seeds: ClassVar[tuple[int, ...]] = (0,)
 
     def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """Extra labelled paper variants ``label -> (estimator, task-config overrides)`` (e.g. a budgeted one)."""

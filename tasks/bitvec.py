@@ -268,6 +268,7 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
     config_class = BitVectorVAEConfig
     default_epochs = 100
     paper_estimators = ("sfe", "sfe+", "nvil", "gumbel", "stgumbel", "topksparse", "sparsemap")
+    paper_seeds = (42,)
 
     def __init__(
         self, config: BitVectorVAEConfig, estimator_name: str, data_dir: Path | None, device: torch.device

@@ -116,6 +116,7 @@ class SignalGameTask(Task[SignalGameConfig]):
     config_class: ClassVar[type[TaskConfig]] = SignalGameConfig
     default_epochs: ClassVar[int] = 500
     paper_estimators = ("sfe", "sfe+", "nvil", "gumbel", "stgumbel", "softmax", "sparsemax")
+    paper_seeds = tuple(range(322, 332))
 
     def __init__(
         self, config: SignalGameConfig, estimator_name: str, data_dir: Path | None, device: torch.device

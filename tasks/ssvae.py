@@ -222,6 +222,7 @@ class SSVAETask(Task[SSVAEConfig]):
     config_class = SSVAEConfig
     default_epochs = 200
     paper_estimators = ("sfe", "sfe+", "nvil", "sumsample", "gumbel", "stgumbel", "softmax", "sparsemax")
+    paper_seeds = tuple(range(43, 53))
 
     def __init__(self, config: SSVAEConfig, estimator_name: str, data_dir: Path | None, device: torch.device) -> None:
         super().__init__(config, estimator_name, data_dir, device)
