@@ -55,7 +55,7 @@ SEED_TAG = "lvzoo.reproduce_seed"
 BUDGET_TAG = "lvzoo.reproduce_budget"
 ERROR_TAG = "lvzoo.reproduce_error"
 #: Test metrics that count decoder calls per example, by preference (tasks name them differently).
-DECODER_CALL_METRICS = ("test_decoder_calls", "test_support_mean")
+DECODER_CALL_METRICS = ("test_decoder_calls",)
 DECODER_CALLS_HEADER = "decoder calls / example (test)"
 #: Longest error message kept in a tag or a table cell.
 MAX_ERROR_CHARS = 300

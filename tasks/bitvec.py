@@ -398,7 +398,7 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
                 support.median(),
             ]
         ).tolist()
-        names = ["neg_elbo", "rate", "distortion", "nll", "bits_per_dim", "support_mean", "support_median"]
+        names = ["neg_elbo", "rate", "distortion", "nll", "bits_per_dim", "decoder_calls", "decoder_calls_median"]
         return dict(zip(names, summary))
 
     def _evaluate_batch(

@@ -11,7 +11,7 @@ from the test images with a fixed seed. ``train_limit`` caps the games per epoch
 
 Evaluation: ``success`` is the fraction of games where the receiver's argmax is the target when the sender sends
 the argmax of its scores; ``loss`` the mean estimator objective (the exact expected loss for marginalization, a
-Monte-Carlo estimate otherwise); ``support_mean`` the decoder calls per game; ``entropy`` the mean entropy of
+Monte-Carlo estimate otherwise); ``decoder_calls`` the decoder calls per game; ``entropy`` the mean entropy of
 pi; for marginalizing estimators (:class:`~lvzoo.estimators.base.MarginalizingEstimator`) also
 ``expected_success``, the exact ``E_pi[receiver argmax == target]`` under the estimator's ``distribution(scores)``.
 """
@@ -219,7 +219,7 @@ class SignalGameTask(Task[SignalGameConfig]):
     def evaluate(
         self, model: nn.Module, estimator: Estimator[Any], split: Literal["val", "test"], final: bool = False
     ) -> dict[str, float]:
-        """Mean loss, greedy success, support_mean and entropy (+ expected_success for marginalization).
+        """Mean loss, greedy success, decoder_calls and entropy (+ expected_success for marginalization).
 
         Runs model and estimator in eval mode (restored afterwards); ``final`` changes nothing for this task.
         """
@@ -251,7 +251,7 @@ class SignalGameTask(Task[SignalGameConfig]):
         values = {
             "loss": result.objective,
             "success": model.greedy_success(scores, candidate_embeddings, batch.target),
-            "support_mean": result.support.float(),
+            "decoder_calls": result.support.float(),
             "entropy": result.entropy,
         }
         if isinstance(estimator, MarginalizingEstimator):

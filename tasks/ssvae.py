@@ -376,7 +376,7 @@ class SSVAETask(Task[SSVAEConfig]):
         """``ssvae_samples.png``: 8 validation images, their reconstructions (argmax class, mean ``h``) and, per
         class, 8 samples of ``p(x | z, h)`` (pixel probabilities, ``h ~ N(0, I)``)."""
         ssvae = self._check_model(model)
-        columns = 8
+        columns = min(8, self.data.val_images.shape[0])
         generator = torch.Generator(device=self.device).manual_seed(self.config.eval_seed)
         with torch.no_grad():
             x = binarize(self.data.val_images[:columns], generator)
