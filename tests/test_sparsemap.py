@@ -12,10 +12,15 @@ from torch import Tensor
 from lvzoo import registry
 from lvzoo.estimators.base import IncompatibleSpaceError
 from lvzoo.estimators.sparsemap import (
+    DECOMPOSITIONS,
     SparseMAP,
     SparseMAPConfig,
     SparseMAPSolution,
+    _affinely_independent,
+    _dyadic_decomposition,
     _KKTWeights,
+    _path_kkt_direction,
+    _systematic_decomposition,
     solve_sparsemap,
     sparsemap,
     sparsemap_marginals,
@@ -159,11 +164,11 @@ def _dense_probs(solution: SparseMAPSolution, space: BitVector) -> Tensor:
     return torch.einsum("bc,bcn->bn", solution.weights * solution.active, matches)
 
 
-@pytest.mark.parametrize("warm_start", [True, False])
+@pytest.mark.parametrize("decomposition", DECOMPOSITIONS)
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_marginals_equal_closed_form(budget: int | None, warm_start: bool) -> None:
+def test_marginals_equal_closed_form(budget: int | None, decomposition: str) -> None:
     t = torch.cat([_scores(12, 7, seed=1), _degenerate_scores(12, 7, seed=2)])
-    solution = solve_sparsemap(t, budget, warm_start=warm_start)
+    solution = solve_sparsemap(t, budget, decomposition=decomposition)
     assert bool(solution.converged.all())
     closed_form = sparsemap_marginals(t, budget)
     torch.testing.assert_close(_marginals(solution), closed_form, atol=1e-10, rtol=0)
@@ -172,11 +177,11 @@ def test_marginals_equal_closed_form(budget: int | None, warm_start: bool) -> No
         assert float(closed_form.sum(-1).max()) <= budget + 1e-12
 
 
-@pytest.mark.parametrize("warm_start", [True, False])
+@pytest.mark.parametrize("decomposition", DECOMPOSITIONS)
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_kkt_certificate_by_brute_force(budget: int | None, warm_start: bool) -> None:
+def test_kkt_certificate_by_brute_force(budget: int | None, decomposition: str) -> None:
     t = torch.cat([_scores(10, 6, seed=3), _degenerate_scores(10, 6, seed=4)])
-    _check_solution(t, solve_sparsemap(t, budget, warm_start=warm_start), budget)
+    _check_solution(t, solve_sparsemap(t, budget, decomposition=decomposition), budget)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -191,13 +196,15 @@ def test_objective_equals_bruteforce_qp(budget: int | None) -> None:
     torch.testing.assert_close(ours, _qp_objective(t, sparsemap_marginals(t, budget)), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("warm_start", [True, False])
+@pytest.mark.parametrize("decomposition", ["exact", "active_set"])
 @pytest.mark.parametrize("budget", [None, 3])
-def test_gradients_match_finite_differences(budget: int | None, warm_start: bool) -> None:
-    """d/dt of sum_z xi_z c(z) through the estimator vs central differences, all 2 B D perturbations in one batch."""
+def test_gradients_match_finite_differences(budget: int | None, decomposition: str) -> None:
+    """d/dt of sum_z xi_z c(z) through the estimator vs central differences, all 2 B D perturbations in one batch.
+
+    (The dyadic active set changes under any perturbation; its backward is checked against the KKT system below.)"""
     batch, dim, h = 6, 6, 1e-6
     space = BitVector(dim, budget)
-    estimator = SparseMAP(space, SparseMAPConfig(warm_start=warm_start))
+    estimator = SparseMAP(space, SparseMAPConfig(decomposition=decomposition))
     t = _scores(batch, dim, seed=6).requires_grad_(True)
     loss = _RowRecorder(batch, dim)
     estimator(t, loss).surrogate.sum().backward()  # type: ignore[no-untyped-call]
@@ -209,7 +216,7 @@ def test_gradients_match_finite_differences(budget: int | None, warm_start: bool
     shifted[1, coordinate, :, coordinate] -= h
     big_loss = _RowRecorder(batch, dim)
     big_loss.w, big_loss.v = loss.w.repeat(2 * dim, 1), loss.v.repeat(2 * dim, 1)
-    big_estimator = SparseMAP(BitVector(dim, budget), SparseMAPConfig(warm_start=warm_start))
+    big_estimator = SparseMAP(BitVector(dim, budget), SparseMAPConfig(decomposition=decomposition))
     values = big_estimator(shifted.reshape(-1, dim), big_loss).objective.view(2, dim, batch)
     finite_differences = ((values[0] - values[1]) / (2 * h)).T  # [B, D]
     stable = 0
@@ -225,13 +232,15 @@ def test_gradients_match_finite_differences(budget: int | None, warm_start: bool
 
 def test_chain_backward_equals_dense_kkt_solve() -> None:
     t = _scores(8, 9, seed=8)
-    solution = solve_sparsemap(t)
+    solution = solve_sparsemap(t, decomposition="exact")
     weights = solution.weights.detach()
     cotangent = torch.randn(weights.shape, generator=torch.Generator().manual_seed(9), dtype=F64)
     gradients = []
     for nested in (True, False):
         leaf = t.clone().requires_grad_(True)
-        out = _KKTWeights.apply(leaf, solution.vertices, solution.active, weights, nested)
+        out = _KKTWeights.apply(
+            leaf, solution.vertices, solution.active, weights, torch.full((8,), nested), None, weights.shape[1]
+        )
         (gradients.append(torch.autograd.grad((out * cotangent).sum(), leaf)[0]))
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-12, rtol=1e-10)
     assert float(gradients[0].abs().max()) > 0.1
@@ -239,29 +248,29 @@ def test_chain_backward_equals_dense_kkt_solve() -> None:
 
 def test_max_iter_keeps_a_feasible_distribution() -> None:
     t = _scores(5, 8, seed=10)
-    truncated = solve_sparsemap(t, 3, max_iter=2, warm_start=False)
+    truncated = solve_sparsemap(t, 3, max_iter=2, decomposition="active_set")
     assert not bool(truncated.converged.all())
     torch.testing.assert_close(truncated.weights.sum(-1), torch.ones(5, dtype=F64), atol=1e-12, rtol=0)
     assert bool((truncated.weights >= 0).all())
-    full = solve_sparsemap(t, 3, warm_start=False)
+    full = solve_sparsemap(t, 3, decomposition="active_set")
     assert full.iterations > 2 and bool(full.converged.all())
 
 
-def test_warm_start_is_certified_in_one_iteration() -> None:
+def test_closed_form_decompositions_need_no_iterations() -> None:
     t = _scores(16, 32, seed=11)
     for budget in (None, 16):
         solution = solve_sparsemap(t, budget)
-        assert solution.iterations == 1
+        assert solution.iterations == 0
         assert bool(solution.converged.all())
 
 
 def test_deterministic_and_global_rng_untouched() -> None:
     t = _scores(6, 7, seed=12)
     for budget in (None, 3):
-        for warm_start in (True, False):
+        for decomposition in DECOMPOSITIONS:
             state = torch.get_rng_state()
-            first = solve_sparsemap(t, budget, warm_start=warm_start)
-            second = solve_sparsemap(t, budget, warm_start=warm_start)
+            first = solve_sparsemap(t, budget, decomposition=decomposition)
+            second = solve_sparsemap(t, budget, decomposition=decomposition)
             assert torch.equal(torch.get_rng_state(), state)
             assert torch.equal(first.vertices, second.vertices)
             assert torch.equal(first.weights, second.weights)
@@ -285,18 +294,19 @@ special_values = st.sampled_from([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
 @given(
     data=st.data(),
     dim=st.integers(1, 6),
-    warm_start=st.booleans(),
+    decomposition=st.sampled_from(DECOMPOSITIONS),
 )
-def test_property_simplex_support_budget_certificate(data: st.DataObject, dim: int, warm_start: bool) -> None:
+def test_property_simplex_support_budget_certificate(data: st.DataObject, dim: int, decomposition: str) -> None:
     budget = data.draw(st.one_of(st.none(), st.integers(1, dim)))
     entry = st.one_of(special_values, st.floats(-4.0, 4.0, allow_nan=False, allow_subnormal=False))
     rows = data.draw(st.lists(st.lists(entry, min_size=dim, max_size=dim), min_size=1, max_size=4))
     t = torch.tensor(rows, dtype=F64)
-    solution = solve_sparsemap(t, budget, warm_start=warm_start)
+    solution = solve_sparsemap(t, budget, decomposition=decomposition)
     assert bool(solution.converged.all())
     assert bool((solution.active.sum(-1) <= dim + 1).all())
     _check_solution(t, solution, budget)
-    torch.testing.assert_close(_marginals(solution), sparsemap_marginals(t, budget), atol=1e-9, rtol=0)
+    scale = max(1.0, float(t.abs().max()))  # the active-set tolerance is relative to max(1, max|t|)
+    torch.testing.assert_close(_marginals(solution), sparsemap_marginals(t, budget), atol=1e-9 * scale, rtol=0)
 
 
 @pytest.mark.parametrize("budget", [None, 3])
@@ -328,7 +338,7 @@ def test_estimator_objective_support_and_single_call(budget: int | None) -> None
     assert bool((example_index[1:] >= example_index[:-1]).all())
     if budget is not None:
         assert bool((z_rows.sum(-1) <= budget).all())
-    assert float(result.logs["sparsemap_iterations"]) == 1.0
+    assert float(result.logs["sparsemap_iterations"]) == 0.0
     assert float(result.logs["sparsemap_converged"]) == 1.0
     torch.testing.assert_close(result.logs["sparsemap_mean_support"], positive.sum(-1).to(F64).mean())
     assert bool((result.entropy >= 0).all())
@@ -367,7 +377,17 @@ def test_refuses_categorical_and_bad_scores() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_iter", 0), ("max_iter", 2.5), ("max_iter", True), ("tol", 0.0), ("tol", 1.5), ("warm_start", 1)],
+    [
+        ("max_iter", 0),
+        ("max_iter", 2.5),
+        ("max_iter", True),
+        ("tol", 0.0),
+        ("tol", 1.5),
+        ("decomposition", "chain"),
+        ("dyadic_bits", 0),
+        ("dyadic_bits", 53),
+        ("dyadic_bits", True),
+    ],
 )
 def test_config_validation_names_the_value(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field) as info:
@@ -377,3 +397,88 @@ def test_config_validation_names_the_value(field: str, value: object) -> None:
 
 def test_registered_under_sparsemap() -> None:
     assert registry.estimators.load("sparsemap") is SparseMAP
+
+
+def test_dyadic_planes_are_exact_on_their_grid() -> None:
+    """With 4 dyadic bits the marginals are ``round(16 mu) / 16`` exactly, from at most 5 planes with dyadic weights
+    (or, where the planes are affinely dependent, exact from the chain)."""
+    t = _scores(10, 7, seed=16)
+    solution = solve_sparsemap(t, decomposition="dyadic", dyadic_bits=4)
+    mu = sparsemap_marginals(t)
+    on_grid = (_marginals(solution) == torch.round(mu * 16) / 16).all(-1)
+    exact = (_marginals(solution) - mu).abs().amax(-1) <= 1e-15
+    assert bool((on_grid | exact).all()) and int(on_grid.sum()) >= 5
+    weights = solution.weights.detach()[on_grid]
+    torch.testing.assert_close(weights * 16, torch.round(weights * 16), atol=0, rtol=0)
+    assert bool((solution.active[on_grid].sum(-1) <= 5).all())
+    for b in range(10):
+        lifted = _lift(solution.vertices[b][solution.active[b]])
+        assert float(torch.linalg.eigvalsh(lifted @ lifted.T).min()) > 1e-6  # affinely independent
+
+
+def test_dependent_dyadic_planes_fall_back_to_the_chain() -> None:
+    """``mu = (5/8, 3/8)`` has the planes (1,0), (0,1), (1,1), (0,0): four points in the plane, affinely dependent."""
+    t = torch.tensor([[0.25, -0.25]], dtype=F64)
+    _, weights, gram = _dyadic_decomposition(sparsemap_marginals(t), 3)
+    assert int((weights > 0).sum()) == 4
+    assert not bool(_affinely_independent(gram, weights > 0)[0])
+    solution = solve_sparsemap(t, decomposition="dyadic", dyadic_bits=3)
+    assert int(solution.active.sum()) == 3  # the chain {}, {0}, {0, 1}
+    torch.testing.assert_close(_marginals(solution), torch.tensor([[0.625, 0.375]], dtype=F64), atol=1e-15, rtol=0)
+    _check_solution(t, solution, None)
+
+
+@pytest.mark.parametrize("budget", [None, 100])
+def test_auto_picks_the_sparser_decomposition(budget: int | None) -> None:
+    """Many fractional bits (D = 128, float32): the 25 dyadic planes beat the chain; D = 4: the chain wins."""
+    t = (_scores(4, 128, seed=17, scale=0.5)).to(torch.float32)
+    auto = solve_sparsemap(t, budget)
+    exact = solve_sparsemap(t, budget, decomposition="exact")
+    assert bool((auto.active.sum(-1) <= 25).all()) and bool((exact.active.sum(-1) > 100).all())
+    torch.testing.assert_close(_marginals(auto).float(), sparsemap_marginals(t, budget), atol=1e-7, rtol=0)
+    small = _scores(6, 4, seed=18)
+    assert torch.equal(solve_sparsemap(small).active, solve_sparsemap(small, decomposition="exact").active)
+
+
+@pytest.mark.parametrize("budget", [None, 8])
+def test_dyadic_backward_equals_explicit_kkt_system(budget: int | None) -> None:
+    """The backward of a dyadic solution equals ``Z^T x`` with ``[[M, 1], [1^T, 0]] [x; tau] = [g; 0]``."""
+    t = _scores(6, 10, seed=19, scale=0.4).requires_grad_(True)
+    solution = solve_sparsemap(t, budget, decomposition="dyadic", dyadic_bits=6)
+    assert bool((solution.active.sum(-1) <= 7).all())  # the planes were used, not the 11-vertex exact solution
+    cotangent = torch.randn(solution.weights.shape, generator=torch.Generator().manual_seed(20), dtype=F64)
+    (gradient,) = torch.autograd.grad((solution.weights * cotangent).sum(), t)
+    for b in range(6):
+        vertices = solution.vertices[b][solution.active[b]]
+        lifted = _lift(vertices)
+        size = vertices.shape[0]
+        kkt = torch.zeros(size + 1, size + 1, dtype=F64)
+        kkt[:size, :size] = lifted @ lifted.T
+        kkt[:size, size] = kkt[size, :size] = 1
+        rhs = torch.cat([cotangent[b][solution.active[b]], torch.zeros(1, dtype=F64)])
+        reference = torch.linalg.solve(kkt, rhs)[:size] @ vertices
+        torch.testing.assert_close(gradient[b], reference, atol=1e-12, rtol=1e-10)
+    assert float(gradient.abs().max()) > 0.01
+
+
+@pytest.mark.parametrize("budget", [2, 3, 5])
+def test_structured_systematic_backward_equals_dense_kkt_solve(budget: int) -> None:
+    """The O(D) backward of systematic sampling equals the dense KKT solve wherever it claims to apply."""
+    t = torch.cat([_scores(40, 7, seed=22, scale=0.6), _degenerate_scores(40, 7, seed=23)])
+    solution = solve_sparsemap(t, budget, decomposition="exact")
+    weights = solution.weights.detach()
+    mu = sparsemap_marginals(t, budget)
+    binding = ((t + 1) / 2).clamp(0, 1).sum(-1, keepdim=True) > budget
+    _, _, crossings = _systematic_decomposition(mu, budget, binding)
+    assert bool(crossings.path[:40].all()) and not bool(crossings.path.all())  # ties exercise the dense fallback
+    cotangent = torch.randn(weights.shape, generator=torch.Generator().manual_seed(24), dtype=F64)
+    gradients = []
+    for structured in (True, False):
+        used = crossings if structured else crossings._replace(path=torch.zeros_like(crossings.path))
+        leaf = t.clone().requires_grad_(True)
+        out = _KKTWeights.apply(leaf, solution.vertices, solution.active, weights, torch.zeros(80, dtype=torch.bool), used, 8)
+        gradients.append(torch.autograd.grad((out * cotangent).sum(), leaf)[0])
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-12, rtol=1e-10)
+    assert float(gradients[0].abs().max()) > 0.1
+    direct = _path_kkt_direction(crossings, cotangent * solution.active)
+    assert bool((direct[~crossings.path] == 0).all())

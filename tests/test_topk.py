@@ -13,7 +13,15 @@ from torch import Tensor
 from lvzoo import registry
 from lvzoo.estimators.base import IncompatibleSpaceError
 from lvzoo.estimators.spaces import BitVector, Categorical
-from lvzoo.estimators.topk import TopKSparsemax, TopKSparsemaxConfig, kbest_bitvectors, topk_sparsemax
+from lvzoo.estimators.topk import (
+    TopKSparsemax,
+    TopKSparsemaxConfig,
+    _flip_set_table,
+    _kbest_budgeted,
+    _kbest_budgeted_shapes,
+    kbest_bitvectors,
+    topk_sparsemax,
+)
 from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient
 
 
@@ -225,3 +233,41 @@ def test_topk_sparsemax_properties(problem: tuple[Tensor, int, int | None]) -> N
     torch.testing.assert_close(result.objective, (q * z.sum(-1)).sum(-1), rtol=0, atol=1e-12)
     if budget is not None:
         assert bool((z.sum(-1) <= budget).all())
+
+
+def test_flip_set_table_is_the_down_closed_family_of_brute_force() -> None:
+    """The candidate flip sets are exactly those preceded by fewer than k sets (checked by enumeration)."""
+    num_flippable = 6
+    subsets = [tuple(i for i in range(num_flippable) if mask >> i & 1) for mask in range(1 << num_flippable)]
+
+    def precedes(g: tuple[int, ...], f: tuple[int, ...]) -> bool:
+        return len(g) <= len(f) and all(g[-1 - j] <= f[-1 - j] for j in range(len(g)))
+
+    for k in (2, 5, 10, 20):
+        table = _flip_set_table(k, num_flippable)
+        listed = {tuple(int(i) for i in torch.nonzero(row).flatten()) for row in table}
+        expected = {f for f in subsets if sum(precedes(g, f) and g != f for g in subsets) < k}
+        assert listed == expected and len(listed) >= k
+
+
+@pytest.mark.parametrize(("k", "budget"), [(10, 20), (4, 3), (23, 12)])
+def test_budgeted_shapes_agree_with_hole_program(k: int, budget: int) -> None:
+    """At a size too large for brute force, the two exact budgeted searches return the same k best scores."""
+    g = torch.Generator().manual_seed(k)
+    t = torch.cat([torch.randn(6, 40, generator=g, dtype=torch.float64) * scale for scale in (0.1, 1.0, 5.0)])
+    t[0, :10] = 0.0  # ties
+    for bits in (_kbest_budgeted_shapes(t, k, budget), _kbest_budgeted(t, k, budget)):
+        assert bool((bits.sum(-1) <= budget).all())
+        for b in range(t.shape[0]):
+            assert torch.unique(bits[b], dim=0).shape[0] == k
+    shape_scores = (_kbest_budgeted_shapes(t, k, budget).to(t.dtype) * t.unsqueeze(1)).sum(-1)
+    program_scores = (_kbest_budgeted(t, k, budget).to(t.dtype) * t.unsqueeze(1)).sum(-1)
+    torch.testing.assert_close(
+        shape_scores.sort(-1, descending=True).values, program_scores.sort(-1, descending=True).values, atol=1e-12, rtol=0
+    )
+
+
+def test_hole_program_path_equals_brute_force() -> None:
+    """k above the shape-enumeration limit goes through the hole dynamic program."""
+    t = torch.randn(3, 8, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    check_kbest(torch.cat([t, torch.zeros(1, 8, dtype=torch.float64)]), 30, 4)
