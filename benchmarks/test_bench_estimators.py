@@ -1,8 +1,9 @@
 """Step time of every registered estimator (forward + backward through a 784-pixel MLP decoder).
 
-Groups are ``<space>-B<batch>``; ``extra_info`` records the decoder rows evaluated per step and per example and the
-peak device memory. Run ``pytest benchmarks/ --bench-size full --benchmark-autosave`` and compare with
-``--benchmark-compare``.
+Only the (space, estimator) pairs of the selected ``--bench-size`` whose estimator supports the space are
+generated. Groups are ``estimator-step-<space>-B<batch>``; ``extra_info`` records the decoder rows evaluated per
+step and per example and the peak memory (CUDA allocated or process RSS). Run
+``pytest benchmarks/ --bench-size full --benchmark-autosave`` and compare with ``--benchmark-compare``.
 """
 
 from __future__ import annotations
@@ -14,44 +15,51 @@ import torch
 from torch import nn
 
 from lvzoo import registry
-from lvzoo.estimators import BitVector, Categorical, IncompatibleSpaceError, LatentSpace
+from lvzoo.estimators import BitVector, Categorical, LatentSpace
 
-from .common import MLPDecoderLoss, peak_memory_mb, timed
+from .common import (
+    INPUT_DIM,
+    MLPDecoderLoss,
+    compatible_estimators,
+    memory_kind,
+    peak_memory_mb,
+    reset_peak_memory,
+    space_id,
+    timed,
+)
 
-# (space, batch, sizes in which it runs)
-SPACES: list[tuple[LatentSpace, int, tuple[str, ...]]] = [
-    (Categorical(10), 64, ("fast", "full")),
-    (Categorical(256), 64, ("full",)),
-    (BitVector(32), 64, ("fast", "full")),
-    (BitVector(128), 16, ("full",)),
-]
+#: (space, batch) per benchmark size.
+SPACES: dict[str, list[tuple[LatentSpace, int]]] = {
+    "fast": [(Categorical(10), 64), (BitVector(32), 64)],
+    "full": [
+        (Categorical(10), 64),
+        (Categorical(256), 64),
+        (BitVector(32), 64),
+        (BitVector(128), 16),
+        (BitVector(128, 64), 16),
+    ],
+}
 
 
-def _space_id(space: LatentSpace) -> str:
-    return f"K{space.K}" if isinstance(space, Categorical) else f"D{space.D}"
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "estimator_name" not in metafunc.fixturenames:
+        return
+    size = str(metafunc.config.getoption("--bench-size"))
+    cases = [(space, batch, name) for space, batch in SPACES[size] for name in compatible_estimators(space)]
+    metafunc.parametrize(
+        ("space", "batch", "estimator_name"),
+        cases,
+        ids=[f"{space_id(space)}-B{batch}-{name}" for space, batch, name in cases],
+    )
 
 
-@pytest.mark.parametrize("estimator_name", registry.estimators.names())
-@pytest.mark.parametrize("space,batch,sizes", SPACES, ids=[f"{_space_id(s)}-B{b}" for s, b, _ in SPACES])
 def test_estimator_step(
-    benchmark: Any,
-    bench_size: str,
-    device: torch.device,
-    estimator_name: str,
-    space: LatentSpace,
-    batch: int,
-    sizes: tuple[str, ...],
+    benchmark: Any, device: torch.device, estimator_name: str, space: LatentSpace, batch: int
 ) -> None:
-    if bench_size not in sizes:
-        pytest.skip(f"{_space_id(space)} runs with --bench-size {' or '.join(sizes)}")
-    estimator_cls = registry.estimators.load(estimator_name)
-    try:
-        estimator: nn.Module = estimator_cls(space, input_dim=784).to(device)
-    except IncompatibleSpaceError:
-        pytest.skip(f"{estimator_name} does not support {space!r}")
+    estimator: nn.Module = registry.estimators.load(estimator_name)(space, input_dim=INPUT_DIM).to(device)
     torch.manual_seed(0)
-    encoder = nn.Linear(784, space.size).to(device)
-    inputs = torch.rand(batch, 784, device=device)
+    encoder = nn.Linear(INPUT_DIM, space.size).to(device)
+    inputs = torch.rand(batch, INPUT_DIM, device=device)
     decoder = MLPDecoderLoss(space.size, batch).to(device)
     estimator.train()
 
@@ -67,11 +75,11 @@ def test_estimator_step(
     step()  # warm-up (lazy init, allocator)
     decoder.rows = 0
     steps[0] = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    benchmark.group = f"estimator-step-{_space_id(space)}-B{batch}"
+    reset_peak_memory(device)
+    benchmark.group = f"estimator-step-{space_id(space)}-B{batch}"
     benchmark(timed(step, device))
     benchmark.extra_info["decoder_rows_per_step"] = decoder.rows / steps[0]
     benchmark.extra_info["decoder_rows_per_example"] = decoder.rows / steps[0] / batch
     benchmark.extra_info["peak_memory_mb"] = peak_memory_mb(device)
+    benchmark.extra_info["peak_memory_kind"] = memory_kind(device)
     assert decoder.rows > 0

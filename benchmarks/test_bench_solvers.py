@@ -41,22 +41,25 @@ def _case_id(batch: int, bits: int, budget: int | None) -> str:
     return f"B{batch}-D{bits}" + ("" if budget is None else f"-budget{budget}")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Generate only the cases of the selected ``--bench-size`` (no skipped cases)."""
+    if "bits" not in metafunc.fixturenames:
+        return
+    size = str(metafunc.config.getoption("--bench-size"))
+    table = SPARSEMAP_CASES if metafunc.function.__name__ == "test_sparsemap_forward_backward" else TOPK_CASES
+    cases = [case[:3] for case in table if size in case[3]]
+    metafunc.parametrize(("batch", "bits", "budget"), cases, ids=[_case_id(*case) for case in cases])
+
+
 @pytest.mark.parametrize("decomposition", ["auto", "exact"])
-@pytest.mark.parametrize(
-    "batch,bits,budget,sizes", SPARSEMAP_CASES, ids=[_case_id(*case[:3]) for case in SPARSEMAP_CASES]
-)
 def test_sparsemap_forward_backward(
     benchmark: Any,
-    bench_size: str,
     device: torch.device,
     batch: int,
     bits: int,
     budget: int | None,
-    sizes: tuple[str, ...],
     decomposition: str,
 ) -> None:
-    if bench_size not in sizes:
-        pytest.skip(f"D={bits} runs with --bench-size {' or '.join(sizes)}")
     scores = _scores(batch, bits, device)
     supports: list[float] = []
 
@@ -74,18 +77,7 @@ def test_sparsemap_forward_backward(
     assert 1 <= supports[-1] <= bits + 1
 
 
-@pytest.mark.parametrize("batch,bits,budget,sizes", TOPK_CASES, ids=[_case_id(*case[:3]) for case in TOPK_CASES])
-def test_topk_search(
-    benchmark: Any,
-    bench_size: str,
-    device: torch.device,
-    batch: int,
-    bits: int,
-    budget: int | None,
-    sizes: tuple[str, ...],
-) -> None:
-    if bench_size not in sizes:
-        pytest.skip(f"D={bits} runs with --bench-size {' or '.join(sizes)}")
+def test_topk_search(benchmark: Any, device: torch.device, batch: int, bits: int, budget: int | None) -> None:
     k = 10
     scores = _scores(batch, bits, device)
     benchmark.group = f"topk-search-k{k}"

@@ -150,7 +150,11 @@ def expectation(
     expected = segment_sum(dist.probs * losses, dist.example_index, dist.num_examples)
     plogp = dist.probs * torch.log(dist.probs.clamp_min(torch.finfo(dist.probs.dtype).tiny))
     entropy = -segment_sum(plogp, dist.example_index, dist.num_examples)
-    support = torch.bincount(dist.example_index, minlength=dist.num_examples)
+    # rows per example; index_add, unlike bincount (which reads the largest index on the host), never syncs
+    index = dist.example_index
+    support = torch.zeros(dist.num_examples, dtype=torch.long, device=index.device).index_add_(
+        0, index, torch.ones_like(index)
+    )
     return EstimatorResult(
         surrogate=expected,
         objective=expected.detach(),
@@ -178,7 +182,11 @@ class MarginalizingEstimator(Estimator[C], abc.ABC):
 
 
 def dense_to_sparse(probs: Tensor, space: LatentSpace) -> SparseDistribution:
-    """Keep the nonzero entries of categorical probabilities ``[B, K]`` as a :class:`SparseDistribution`."""
+    """Keep the nonzero entries of categorical probabilities ``[B, K]`` as a :class:`SparseDistribution`.
+
+    The number of rows is data-dependent, so the ``nonzero`` here is the one host synchronisation of a sparse
+    step on an accelerator (inherent: the decoder's batch size must be known to launch it).
+    """
     if not isinstance(space, Categorical):
         raise IncompatibleSpaceError(f"dense_to_sparse needs a Categorical space, got {space!r}")
     example_index, category = torch.nonzero(probs > 0, as_tuple=True)

@@ -114,7 +114,10 @@ class CategoricalDistribution(EncoderDistribution):
         self.log_probs = torch.log_softmax(scores, dim=-1)
 
     def _one_hot(self, index: Tensor) -> Tensor:
-        return F.one_hot(index, self.scores.shape[-1]).to(self.scores.dtype)
+        """One-hot rows ``[..., K]`` in the scores' dtype for ``index [...]`` (a scatter: no integer-to-float copy and
+        no host-side index range check, which ``F.one_hot`` does on the CPU)."""
+        rows = self.scores.new_zeros(*index.shape, self.scores.shape[-1])
+        return rows.scatter_(-1, index.unsqueeze(-1), 1.0)
 
     def sample(self, generator: torch.Generator | None) -> Tensor:
         logits = self.scores.detach()

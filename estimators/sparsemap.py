@@ -676,7 +676,7 @@ class SparseMAP(MarginalizingEstimator[SparseMAPConfig]):
             probs=solution.weights[example_index, slot],
             num_examples=scores.shape[0],
             logs={
-                "sparsemap_iterations": torch.tensor(float(solution.iterations), device=scores.device),
+                "sparsemap_iterations": scores.new_full((), float(solution.iterations)),  # a fill: no copy
                 "sparsemap_mean_support": support.to(scores.dtype).mean(),
                 "sparsemap_converged": solution.converged.to(scores.dtype).mean(),
             },

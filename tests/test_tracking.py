@@ -30,7 +30,6 @@ from lvzoo.runners.tracking import sqlite_artifact_location
 from tests.conftest import MlflowStore
 from tests.runner_toy import NUM_CODES, TemperedSoftmax, ToyTask
 
-REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 120
 
 
@@ -86,10 +85,14 @@ def test_default_store_is_embedded_in_the_working_directory(mlflow_store: Mlflow
 
 def test_git_commit_is_read_only_inside_a_repository(tmp_path: Path) -> None:
     assert git_commit(tmp_path) is None
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
-    if head.returncode != 0:
-        pytest.skip("the source tree is not a git checkout")
-    assert git_commit(REPO) == head.stdout.strip()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    identity = ["-c", "user.name=lvzoo", "-c", "user.email=lvzoo@example.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", *identity, "commit", "-q", "--allow-empty", "-m", "x"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+    assert git_commit(repo) == head.stdout.strip()
+    assert git_commit(repo / "missing") is None
 
 
 def _free_port() -> int:
