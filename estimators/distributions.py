@@ -27,12 +27,6 @@ from lvzoo.estimators.base import Estimator, EstimatorConfig, IncompatibleSpaceE
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 
 
-def positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    """attrs validator: ``value`` is an int >= 1 (the error names the field and the value)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
 def require_factorial_space(space: LatentSpace, estimator_name: str) -> None:
     """Refuse latent spaces whose Gibbs distribution is not factorial (a :class:`BitVector` with a budget)."""
     if isinstance(space, BitVector) and space.budget is not None:

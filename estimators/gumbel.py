@@ -16,18 +16,9 @@ import torch
 from torch import Tensor
 
 from lvzoo.estimators.base import EstimatorConfig, EstimatorResult, LossFn, evaluate_rows
-from lvzoo.estimators.distributions import SamplingEstimator, positive_int
+from lvzoo.estimators.distributions import SamplingEstimator
 from lvzoo.estimators.spaces import LatentSpace
-
-
-def _positive_number(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
-
-
-def _non_negative_number(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
+from lvzoo.estimators.validators import non_negative_number, positive_int, positive_number
 
 
 @attrs.frozen
@@ -35,9 +26,9 @@ class GumbelConfig(EstimatorConfig):
     """Temperature schedule: start ``tau0``, floor ``tau_min`` (0 < tau_min <= tau0), exponential
     ``decay_rate`` per step (>= 0), recomputed every ``update_every`` training steps."""
 
-    tau0: float = attrs.field(default=1.0, validator=_positive_number)
-    tau_min: float = attrs.field(default=0.5, validator=_positive_number)
-    decay_rate: float = attrs.field(default=1e-4, validator=_non_negative_number)
+    tau0: float = attrs.field(default=1.0, validator=positive_number)
+    tau_min: float = attrs.field(default=0.5, validator=positive_number)
+    decay_rate: float = attrs.field(default=1e-4, validator=non_negative_number)
     update_every: int = attrs.field(default=1000, validator=positive_int)
 
     @tau_min.validator

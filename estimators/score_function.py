@@ -12,19 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from lvzoo.estimators.base import EstimatorConfig, EstimatorResult, LossFn, evaluate_rows
-from lvzoo.estimators.distributions import SamplingEstimator, positive_int
+from lvzoo.estimators.distributions import SamplingEstimator
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
-
-
-def _decay_in_unit_interval(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{attribute.name} must be a number in [0, 1), got {value!r}")
-
-
-def _positive_int_tuple(instance: object, attribute: attrs.Attribute[tuple[int, ...]], value: tuple[int, ...]) -> None:
-    for size in value:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"{attribute.name} must be a tuple of ints >= 1, got {value!r} (bad entry {size!r})")
+from lvzoo.estimators.validators import number_in, positive_int, positive_int_tuple
 
 
 def _to_int_tuple(value: object) -> tuple[int, ...]:
@@ -43,7 +33,7 @@ def _one_row_each(batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
 class SFEConfig(EstimatorConfig):
     """``baseline_decay`` in [0, 1): weight of the old value in the moving-average baseline."""
 
-    baseline_decay: float = attrs.field(default=0.99, validator=_decay_in_unit_interval)
+    baseline_decay: float = attrs.field(default=0.99, validator=number_in(0, 1, high_open=True))
 
 
 class SFE(SamplingEstimator[SFEConfig]):
@@ -135,7 +125,7 @@ class NVILConfig(EstimatorConfig):
     """``hidden_sizes``: ReLU hidden layers of the baseline MLP (the paper's code: 512, 512, 512)."""
 
     hidden_sizes: tuple[int, ...] = attrs.field(
-        default=(512, 512, 512), converter=_to_int_tuple, validator=_positive_int_tuple
+        default=(512, 512, 512), converter=_to_int_tuple, validator=positive_int_tuple
     )
 
 

@@ -11,20 +11,17 @@ import attrs
 import torch
 from torch import Tensor
 
+from lvzoo.estimators.validators import positive_int
+
 #: Largest bit-vector dimension that :meth:`BitVector.enumerate` will list (2**20 rows).
 MAX_ENUMERABLE_BITS = 20
-
-
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive int, got {value!r}")
 
 
 @attrs.frozen
 class Categorical:
     """A single categorical variable with ``K`` classes; assignments are one-hot rows ``[K]``."""
 
-    K: int = attrs.field(validator=_positive)
+    K: int = attrs.field(validator=positive_int)
 
     @property
     def size(self) -> int:
@@ -40,7 +37,7 @@ class Categorical:
 class BitVector:
     """``D`` binary variables, optionally with at most ``budget`` bits on; assignments are rows ``[D]`` of 0/1."""
 
-    D: int = attrs.field(validator=_positive)
+    D: int = attrs.field(validator=positive_int)
     budget: int | None = attrs.field(default=None)
 
     @budget.validator

@@ -104,21 +104,12 @@ from torch import Tensor
 
 from lvzoo.estimators.base import EstimatorConfig, MarginalizingEstimator, SparseDistribution
 from lvzoo.estimators.spaces import BitVector
+from lvzoo.estimators.validators import int_in, number_in, one_of, optional, positive_int
 
 #: After the first iteration, convergence (a host sync) is checked every this many iterations.
 _CHECK_EVERY = 4
 
 _WORK_DTYPE = torch.float64
-
-
-def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
-def _unit_interval(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{attribute.name} must be a float in (0, 1), got {value!r}")
 
 
 #: The ways of choosing the SparseMAP distribution (see the module docstring).
@@ -131,18 +122,6 @@ MAX_DYADIC_BITS = 52
 _MIN_PIVOT = 1e-3
 
 
-def _decomposition(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in DECOMPOSITIONS:
-        raise ValueError(f"{attribute.name} must be one of {DECOMPOSITIONS}, got {value!r}")
-
-
-def _dyadic_bits_range(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DYADIC_BITS:
-        raise ValueError(f"{attribute.name} must be None or an int in [1, {MAX_DYADIC_BITS}], got {value!r}")
-
-
 @attrs.frozen
 class SparseMAPConfig(EstimatorConfig):
     """``decomposition``: one of :data:`DECOMPOSITIONS` (default ``"auto"``: per example the sparser of
@@ -150,10 +129,10 @@ class SparseMAPConfig(EstimatorConfig):
     scores' dtype, 24 for float32, capped at 52); ``max_iter``: iterations of the ``"active_set"`` solver (>= 1);
     ``tol``: its Frank-Wolfe gap tolerance, relative to ``max(1, max|t|)``, in (0, 1)."""
 
-    decomposition: str = attrs.field(default="auto", validator=_decomposition)
-    dyadic_bits: int | None = attrs.field(default=None, validator=_dyadic_bits_range)
-    max_iter: int = attrs.field(default=300, validator=_positive_int)
-    tol: float = attrs.field(default=1e-9, validator=_unit_interval)
+    decomposition: str = attrs.field(default="auto", validator=one_of(*DECOMPOSITIONS))
+    dyadic_bits: int | None = attrs.field(default=None, validator=optional(int_in(1, MAX_DYADIC_BITS)))
+    max_iter: int = attrs.field(default=300, validator=positive_int)
+    tol: float = attrs.field(default=1e-9, validator=number_in(0, 1, low_open=True, high_open=True))
 
 
 @attrs.frozen

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from lvzoo.estimators.base import EstimatorConfig, MarginalizingEstimator, SparseDistribution
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
+from lvzoo.estimators.validators import positive_int
 
 
 #: With a budget, shapes are enumerated while ``k`` has at most this many partitions of ``0..k-1`` (``k <= 22``);
@@ -259,16 +260,11 @@ def topk_sparsemax(t: Tensor, k: int, budget: int | None = None) -> tuple[Tensor
     return z, q
 
 
-def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
 @attrs.frozen
 class TopKSparsemaxConfig(EstimatorConfig):
     """``k``: number of best bit vectors sparsemax is computed over (the paper uses 10)."""
 
-    k: int = attrs.field(default=10, validator=_positive_int)
+    k: int = attrs.field(default=10, validator=positive_int)
 
 
 class TopKSparsemax(MarginalizingEstimator[TopKSparsemaxConfig]):

@@ -56,6 +56,20 @@ def _interrupt_exit(exc: KeyboardInterrupt) -> int:
     return EXIT_TERMINATED if isinstance(exc, TerminatedError) else EXIT_INTERRUPTED
 
 
+#: Options shared by several commands.
+_device_option = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+_tracking_uri_option = click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)."
+)
+_data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LVZOO_DATA",
+    default=None,
+    help="Dataset directory passed to the task [env: LVZOO_DATA].",
+)
+
+
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--task", "task_name", metavar="T", help="Registered task name (see `runner list`).")
 @click.option("--estimator", "estimator_name", metavar="E", help="Registered estimator name.")
@@ -68,15 +82,9 @@ def _interrupt_exit(exc: KeyboardInterrupt) -> int:
 )
 @click.option("--epochs", type=int, default=None, help="Epochs to train (default: the task's paper value).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every RNG.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db).")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="LVZOO_DATA",
-    default=None,
-    help="Dataset directory passed to the task [env: LVZOO_DATA].",
-)
+@_device_option
+@_tracking_uri_option
+@_data_dir_option
 @click.option("--resume", default=None, metavar="RUN", help="Continue a run: its MLflow run id or its run dir.")
 @click.option(
     "--run-dir",
@@ -172,14 +180,8 @@ def list_plugins() -> None:
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 @click.option("--final", is_flag=True, help="Use the task's expensive final protocol (e.g. many IS samples).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="LVZOO_DATA",
-    default=None,
-    help="Dataset directory passed to the task [env: LVZOO_DATA].",
-)
+@_device_option
+@_data_dir_option
 def eval_checkpoint(checkpoint: Path, split: Split, final: bool, device: str, data_dir: Path | None) -> None:
     """Evaluate CHECKPOINT (a checkpoint file or run dir) and print its metrics as JSON."""
     try:
@@ -215,21 +217,15 @@ def eval_checkpoint(checkpoint: Path, split: Split, final: bool, device: str, da
     metavar="KEY=VALUE",
     help="Override a task or estimator config field for every run (e.g. train_limit=500). Repeatable.",
 )
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db).")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="LVZOO_DATA",
-    default=None,
-    help="Dataset directory passed to the task [env: LVZOO_DATA].",
-)
+@_tracking_uri_option
+@_data_dir_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Markdown report path (default: ./reproduce-<reproduce id>.md).",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_device_option
 @click.option(
     "--report-only",
     default=None,

@@ -18,32 +18,18 @@ from torch import Tensor, nn
 
 from lvzoo.estimators.base import Estimator
 from lvzoo.estimators.spaces import LatentSpace
-
-
-def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive int, got {value!r}")
-
-
-def _optional_positive_int(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
-    if value is not None:
-        _positive_int(instance, attribute, value)  # type: ignore[arg-type]
-
-
-def _optional_positive_float(instance: object, attribute: attrs.Attribute[float | None], value: float | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-        raise ValueError(f"{attribute.name} must be a positive number or None, got {value!r}")
+from lvzoo.estimators.validators import optional, positive_int, positive_number
 
 
 @attrs.frozen
 class TaskConfig:
     """Hyper-parameters every task has. ``None`` means "the paper's value for the chosen estimator"."""
 
-    batch_size: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    lr: float | None = attrs.field(default=None, validator=_optional_positive_float)
+    batch_size: int | None = attrs.field(default=None, validator=optional(positive_int))
+    lr: float | None = attrs.field(default=None, validator=optional(positive_number))
     entropy_coef: float | None = attrs.field(default=None)
-    train_limit: int | None = attrs.field(default=None, validator=_optional_positive_int)
-    eval_limit: int | None = attrs.field(default=None, validator=_optional_positive_int)
+    train_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
+    eval_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
 
 
 @attrs.frozen

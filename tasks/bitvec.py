@@ -51,6 +51,7 @@ from lvzoo.estimators.base import (
     expectation,
 )
 from lvzoo.estimators.spaces import BitVector
+from lvzoo.estimators.validators import positive_int
 from lvzoo.models.bitvec import PIXELS, BitVectorVAEModel
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
 from lvzoo.tasks.data import load_images, minibatch_indices
@@ -81,11 +82,6 @@ PAPER_TOPK = 10
 ARTIFACT_IMAGES = 8
 
 
-def _positive_int(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive int, got {value!r}")
-
-
 @attrs.frozen
 class BitVectorVAEConfig(TaskConfig):
     """Bit-vector VAE settings.
@@ -97,13 +93,13 @@ class BitVectorVAEConfig(TaskConfig):
     ``is_pass_rows``: decoder rows per importance-sampling pass. ``eval_batch_size``: examples per evaluation batch.
     """
 
-    bits: int = attrs.field(default=32, validator=_positive_int)
+    bits: int = attrs.field(default=32, validator=positive_int)
     budget: int | None = attrs.field(default=None)
-    is_samples: int = attrs.field(default=16, validator=_positive_int)
-    final_is_samples: int = attrs.field(default=1024, validator=_positive_int)
-    likelihood_chunk: int = attrs.field(default=256, validator=_positive_int)
-    is_pass_rows: int = attrs.field(default=8192, validator=_positive_int)
-    eval_batch_size: int = attrs.field(default=100, validator=_positive_int)
+    is_samples: int = attrs.field(default=16, validator=positive_int)
+    final_is_samples: int = attrs.field(default=1024, validator=positive_int)
+    likelihood_chunk: int = attrs.field(default=256, validator=positive_int)
+    is_pass_rows: int = attrs.field(default=8192, validator=positive_int)
+    eval_batch_size: int = attrs.field(default=100, validator=positive_int)
 
     @budget.validator
     def _check_budget(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lvzoo.estimators.base import Estimator, MarginalizingEstimator, marginalize
 from lvzoo.estimators.spaces import Categorical, LatentSpace
+from lvzoo.estimators.validators import int_at_least, number_in
 from lvzoo.models.signal import SignalGameModel
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
 from lvzoo.tasks.signal_data import MNIST_FASHION, ConceptImages, Games, draw_games, load_concept_images
@@ -53,19 +54,6 @@ DEFAULT_SETTINGS = (1e-3, 0.1)
 GUMBEL_SCHEDULE: dict[str, Any] = {"decay_rate": 1e-5, "update_every": 1000}
 
 
-def _int_at_least(minimum: int) -> Any:
-    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{attribute.name} must be an int >= {minimum}, got {value!r}")
-
-    return check
-
-
-def _positive_finite(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
 def _feature_source(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(
@@ -79,12 +67,14 @@ class SignalGameConfig(TaskConfig):
     """Game and architecture sizes (paper defaults); ``features`` is ``"mnist-fashion"`` or a feature directory."""
 
     features: str = attrs.field(default=MNIST_FASHION, validator=_feature_source)
-    num_candidates: int = attrs.field(default=16, validator=_int_at_least(2))
-    vocab_size: int = attrs.field(default=256, validator=_int_at_least(2))
-    hidden_size: int = attrs.field(default=512, validator=_int_at_least(1))
-    embedding_size: int = attrs.field(default=256, validator=_int_at_least(1))
-    sender_temperature: float = attrs.field(default=10.0, validator=_positive_finite)
-    games_per_epoch: int = attrs.field(default=100 * 64, validator=_int_at_least(1))
+    num_candidates: int = attrs.field(default=16, validator=int_at_least(2))
+    vocab_size: int = attrs.field(default=256, validator=int_at_least(2))
+    hidden_size: int = attrs.field(default=512, validator=int_at_least(1))
+    embedding_size: int = attrs.field(default=256, validator=int_at_least(1))
+    sender_temperature: float = attrs.field(
+        default=10.0, validator=number_in(0, math.inf, low_open=True, high_open=True)
+    )
+    games_per_epoch: int = attrs.field(default=100 * 64, validator=int_at_least(1))
 
 
 @attrs.frozen

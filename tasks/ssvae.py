@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn, MarginalizingEstimator
 from lvzoo.estimators.marginal import SoftmaxMarginal
 from lvzoo.estimators.spaces import Categorical
+from lvzoo.estimators.validators import non_negative_int, one_of, positive_int
 from lvzoo.models.ssvae import IMAGE_PIXELS, SSVAEModel
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
 from lvzoo.tasks.data import binarize, find_root, load_images, load_ssvae_splits, minibatch_indices
@@ -98,24 +99,9 @@ def _bool(instance: object, attribute: attrs.Attribute[bool], value: bool) -> No
         raise ValueError(f"{attribute.name} must be True or False, got {value!r}")
 
 
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
-def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{attribute.name} must be an int >= 0, got {value!r}")
-
-
 def _optional_path(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ValueError(f"{attribute.name} must be a non-empty path string or None, got {value!r}")
-
-
-def _classification_loss(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in CLASSIFICATION_LOSSES:
-        raise ValueError(f"{attribute.name} must be one of {', '.join(CLASSIFICATION_LOSSES)}, got {value!r}")
 
 
 @attrs.frozen
@@ -130,15 +116,15 @@ class SSVAEConfig(TaskConfig):
 
     labelled_only: bool = attrs.field(default=False, validator=_bool)
     init_checkpoint: str | None = attrs.field(default=None, validator=_optional_path)
-    latent_dim: int = attrs.field(default=8, validator=_positive)
-    classifier_hidden: int = attrs.field(default=256, validator=_positive)
-    classifier_layers: int = attrs.field(default=3, validator=_positive)
-    vae_hidden: int = attrs.field(default=128, validator=_positive)
-    vae_layers: int = attrs.field(default=2, validator=_positive)
-    classification_loss: str = attrs.field(default="auto", validator=_classification_loss)
-    split_seed: int = attrs.field(default=0, validator=_non_negative)
-    eval_batch_size: int = attrs.field(default=500, validator=_positive)
-    eval_seed: int = attrs.field(default=0, validator=_non_negative)
+    latent_dim: int = attrs.field(default=8, validator=positive_int)
+    classifier_hidden: int = attrs.field(default=256, validator=positive_int)
+    classifier_layers: int = attrs.field(default=3, validator=positive_int)
+    vae_hidden: int = attrs.field(default=128, validator=positive_int)
+    vae_layers: int = attrs.field(default=2, validator=positive_int)
+    classification_loss: str = attrs.field(default="auto", validator=one_of(*CLASSIFICATION_LOSSES))
+    split_seed: int = attrs.field(default=0, validator=non_negative_int)
+    eval_batch_size: int = attrs.field(default=500, validator=positive_int)
+    eval_seed: int = attrs.field(default=0, validator=non_negative_int)
 
 
 @attrs.frozen

@@ -1,4 +1,5 @@
-"""Shared fixtures: one migrated MLflow sqlite store per test session and an isolated working directory.
+"""Shared fixtures: one migrated MLflow sqlite store per test session, an isolated working directory and a
+single-threaded torch.
 
 Creating an MLflow sqlite database runs its schema migrations, which take seconds; every test that tracks runs
 shares the one store created here (runs are distinct by id), and tests that need their own database copy the
@@ -55,6 +56,17 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory, _migrated_template: P
     db_path = root / "mlflow.db"
     shutil.copyfile(_migrated_template, db_path)
     return MlflowStore(root=root, db_path=db_path, template=_migrated_template)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread during the test (small tensors, shared machine); the setting is restored."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -25,16 +25,12 @@ from lvzoo.estimators.base import (
     marginalize,
 )
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
+from lvzoo.estimators.validators import positive_number
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
 
 NUM_CODES = 3
 FEATURES = 4
 DATA_SEED = 1234
-
-
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
 @attrs.frozen
@@ -161,7 +157,7 @@ class ToyTask(Task[ToyConfig]):
 class TemperedSoftmaxConfig(EstimatorConfig):
     """``temperature`` divides the scores before the softmax."""
 
-    temperature: float = attrs.field(default=1.0, validator=_positive)
+    temperature: float = attrs.field(default=1.0, validator=positive_number)
 
 
 class TemperedSoftmax(Estimator[TemperedSoftmaxConfig]):

@@ -10,24 +10,20 @@ a subprocess) are resumed with ``--resume`` and must continue the same MLflow ru
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from mlflow.tracking import MlflowClient
 
 from lvzoo import registry
@@ -35,11 +31,13 @@ from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.cli import EXIT_INTERRUPTED, main
 from lvzoo.tasks.base import Task
 from tests.conftest import MlflowStore
+from tests.datasets import REPO, shared_or_random_root
+from tests.interrupts import before_call, raise_keyboard_interrupt, sigkill_once_file_exists
+from tests.runner_cli import error_line, invoke, printed_run_id
 
-pytestmark = pytest.mark.slow
+#: One intra-op thread: the models are small and the test machine is shared.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 #: The installed console script (next to the interpreter running the tests).
 RUNNER_SCRIPT = Path(sys.executable).parent / "runner"
 CPU = torch.device("cpu")
@@ -120,41 +118,11 @@ CASES = [
 # --- data ---------------------------------------------------------------------------------------------------------
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """A gzipped unsigned-byte IDX file of ``array``."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), compresslevel=1))
-
-
-def write_generated_data(root: Path, seed: int = 0) -> None:
-    """Random MNIST (1,200 train / 200 test) and Fashion-MNIST (5,300 train, as the last 5,000 validate / 200
-    test) images with random labels in ``root/<Name>/raw``."""
-    rng = np.random.default_rng(seed)
-    for name, train_count in (("MNIST", 1200), ("FashionMNIST", 5300)):
-        raw = root / name / "raw"
-        raw.mkdir(parents=True)
-        for prefix, count in (("train", train_count), ("t10k", 200)):
-            _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-            _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared real data root, or a generated one in the same layout."""
-    if all((SHARED_DATA / name / "raw").is_dir() for name in ("MNIST", "FashionMNIST")):
-        return SHARED_DATA
-    root = tmp_path_factory.mktemp("e2e-data")
-    write_generated_data(root)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the models are small and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """The shared real data root, or random MNIST (1,200 train / 200 test) and Fashion-MNIST (5,300 train, as the
+    last 5,000 validate / 200 test) in the same layout."""
+    return shared_or_random_root(tmp_path_factory, {"MNIST": (1200, 200), "FashionMNIST": (5300, 200)})
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -173,17 +141,6 @@ def _train_args(
     options["--tracking-uri"] = uri
     sets = [item for assignment in (*SETS[task], *extra) for item in ("--set", assignment)]
     return [item for pair in options.items() for item in pair] + sets
-
-
-def _invoke(args: list[str]) -> Result:
-    return CliRunner().invoke(main, args)
-
-
-def _run_id(stdout: str) -> str:
-    """The run id that a successful training call prints."""
-    found = re.search(r"^run (\w+) finished", stdout, re.MULTILINE)
-    assert found, stdout
-    return found.group(1)
 
 
 def _printed_test_metrics(stdout: str) -> dict[str, float]:
@@ -231,15 +188,6 @@ def _steps_per_epoch(task: str, estimator: str) -> int:
     return math.ceil(EXAMPLES[task] / batch_size)
 
 
-def _error_line(result: Result) -> str:
-    """The single stderr line of a failed CLI call (asserting there is exactly one, and no traceback)."""
-    assert result.exit_code != 0, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line, got: {result.stderr!r}"
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 # --- one epoch per task x estimator -------------------------------------------------------------------------------
 
 
@@ -247,9 +195,9 @@ def _error_line(result: Result) -> str:
 def test_one_epoch_is_tracked_with_finite_metrics(
     case: Case, data_dir: Path, mlflow_store: MlflowStore, workdir: Path
 ) -> None:
-    result = _invoke(_train_args(case.task, case.estimator, data_dir, mlflow_store.uri, epochs=1, extra=case.extra))
+    result = invoke(_train_args(case.task, case.estimator, data_dir, mlflow_store.uri, epochs=1, extra=case.extra))
     assert result.exit_code == 0, result.output
-    run_id = _run_id(result.stdout)
+    run_id = printed_run_id(result.stdout)
     printed = _printed_test_metrics(result.stdout)
     client = MlflowClient(mlflow_store.uri)
     run = client.get_run(run_id)
@@ -296,7 +244,7 @@ def test_one_epoch_is_tracked_with_finite_metrics(
     logged = {key[len("test_") :]: value for key, value in printed.items()}
     assert state["test_metrics"] == pytest.approx(logged)
     if case.check_eval:
-        evaluated = _invoke(["eval", str(workdir / "runs" / run_id), "--split", "test", "--final"])
+        evaluated = invoke(["eval", str(workdir / "runs" / run_id), "--split", "test", "--final"])
         assert evaluated.exit_code == 0, evaluated.output
         assert json.loads(evaluated.stdout) == pytest.approx(logged, rel=1e-5)
 
@@ -351,19 +299,11 @@ def test_keyboard_interrupt_in_epoch_two_then_resume(
     task_cls = _task_class(case.task)
     steps = _steps_per_epoch(case.task, case.estimator)
     original_step = task_cls.train_step
-    calls = 0
-
-    def interrupted_step(self: Task[Any], model: torch.nn.Module, estimator: Any, batch: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == steps + 2:  # the second epoch has taken one optimizer step
-            raise KeyboardInterrupt
-        return original_step(self, model, estimator, batch)
-
-    monkeypatch.setattr(task_cls, "train_step", interrupted_step)
+    # at the second step of epoch 2: the second epoch has taken one optimizer step
+    monkeypatch.setattr(task_cls, "train_step", before_call(original_step, steps + 2, raise_keyboard_interrupt))
     uri = mlflow_store.uri
     run_dir = workdir / "interrupted"
-    result = _invoke([*_train_args(case.task, case.estimator, data_dir, uri, epochs=2), "--run-dir", str(run_dir)])
+    result = invoke([*_train_args(case.task, case.estimator, data_dir, uri, epochs=2), "--run-dir", str(run_dir)])
     assert result.exit_code == EXIT_INTERRUPTED, result.output
     assert "the run is marked KILLED" in result.stderr
     state = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)
@@ -375,9 +315,9 @@ def test_keyboard_interrupt_in_epoch_two_then_resume(
     assert all([s for s, _ in _history(client, run_id, key)] == [0] for key in first_epoch)
 
     monkeypatch.setattr(task_cls, "train_step", original_step)
-    resumed = _invoke(["--resume", run_id, "--tracking-uri", uri])
+    resumed = invoke(["--resume", run_id, "--tracking-uri", uri])
     assert resumed.exit_code == 0, resumed.output
-    assert _run_id(resumed.stdout) == run_id
+    assert printed_run_id(resumed.stdout) == run_id
     _assert_resumed(client, run_id, first_epoch, run_dir)
     # model, optimizer and estimator state continue from the checkpoint (the interrupted step's updates are gone)
     final = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)
@@ -387,23 +327,19 @@ def test_keyboard_interrupt_in_epoch_two_then_resume(
         assert int(final["estimator_state"][case.counter]) == 2 * steps
 
 
-def pause_in_second_epoch(task: str, marker: str, args: list[str]) -> None:
+def pause_in_second_epoch(task: str, estimator: str, marker: str, args: list[str]) -> None:
     """Run the CLI with ``args`` in this process; at the first training step of epoch 2, touch ``marker`` and
     sleep (for the parent test to ``SIGKILL`` the process). Used in a subprocess by the test below."""
     torch.set_num_threads(1)
+
+    def pause() -> None:
+        Path(marker).touch()
+        time.sleep(600)
+
     task_cls = _task_class(task)
-    original_step = task_cls.train_step
-    calls = 0
-
-    def paused_step(self: Task[Any], model: torch.nn.Module, estimator: Any, batch: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == self.steps_per_epoch() + 1:
-            Path(marker).touch()
-            time.sleep(600)
-        return original_step(self, model, estimator, batch)
-
-    task_cls.train_step = paused_step  # type: ignore[method-assign]
+    task_cls.train_step = before_call(  # type: ignore[method-assign]
+        task_cls.train_step, _steps_per_epoch(task, estimator) + 1, pause
+    )
     main(args)
 
 
@@ -416,27 +352,12 @@ def test_sigkill_in_epoch_two_then_resume_with_the_console_script(
     marker = workdir / "paused"
     args = [*_train_args(task, estimator, data_dir, uri, epochs=2), "--run-dir", str(run_dir)]
     code = (
-        f"from tests.test_e2e import pause_in_second_epoch; pause_in_second_epoch({task!r}, {str(marker)!r}, {args!r})"
+        "from tests.test_e2e import pause_in_second_epoch; "
+        f"pause_in_second_epoch({task!r}, {estimator!r}, {str(marker)!r}, {args!r})"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "true", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            if process.poll() is not None:
-                stderr = process.stderr.read().decode() if process.stderr else ""
-                pytest.fail(f"training subprocess exited early: {stderr}")
-            assert time.monotonic() < deadline, "epoch 2 not reached within 120 s"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-        if process.stderr:
-            process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    exit_status = sigkill_once_file_exists(code, marker, cwd=workdir, env=env, timeout_s=120)
+    assert exit_status == -signal.SIGKILL
     state = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)
     assert state["completed_epochs"] == 1 and state["finished"] is False
     run_id = state["run_id"]
@@ -454,7 +375,7 @@ def test_sigkill_in_epoch_two_then_resume_with_the_console_script(
         check=False,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert _run_id(resumed.stdout) == run_id
+    assert printed_run_id(resumed.stdout) == run_id
     assert all(math.isfinite(value) for value in _printed_test_metrics(resumed.stdout).values())
     _assert_resumed(client, run_id, first_epoch, run_dir)
     final = ckpt.load(run_dir / ckpt.CHECKPOINT_NAME)
@@ -485,7 +406,7 @@ def test_sigkill_in_epoch_two_then_resume_with_the_console_script(
 def test_bad_runs_exit_with_one_line_and_track_nothing(
     args: list[str], expected: list[str], mlflow_store: MlflowStore, workdir: Path
 ) -> None:
-    line = _error_line(_invoke([*args, "--tracking-uri", mlflow_store.uri, "--data-dir", str(workdir / "no-data")]))
+    line = error_line(invoke([*args, "--tracking-uri", mlflow_store.uri, "--data-dir", str(workdir / "no-data")]))
     assert line.startswith("Error: ")
     for fragment in expected:
         assert fragment in line

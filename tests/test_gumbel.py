@@ -29,7 +29,7 @@ from torch import Tensor
 from lvzoo.estimators.base import LossFn
 from lvzoo.estimators.gumbel import GumbelConfig, GumbelSoftmax, StraightThroughGumbel
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
-from tests.oracle import QuadraticDecoderLoss, exact_gradient, gibbs_probs
+from tests.oracle import QuadraticDecoderLoss, gibbs_probs
 from tests.test_score_function import (
     EXAMPLES,
     SPACES,
@@ -38,6 +38,7 @@ from tests.test_score_function import (
     exact_decoder_gradient,
     make_scores,
     max_z_score,
+    seeded_gradient_problem,
 )
 
 
@@ -55,10 +56,7 @@ def relative_bias(draws: Tensor, exact: Tensor) -> tuple[float, float]:
 
 @pytest.mark.parametrize("space", SPACES, ids=str)
 def test_gumbel_bias_is_detected_and_shrinks_with_temperature(space: LatentSpace) -> None:
-    torch.manual_seed(0)
-    scores = make_scores(space)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
-    exact = exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
+    scores, decoder, exact = seeded_gradient_problem(space)
     biases = {}
     for tau in (1.0, 0.5):
         draws, _ = draw_gradients(GumbelSoftmax(space, fixed_temperature(tau)), scores, decoder, 2000, 10)
@@ -70,10 +68,7 @@ def test_gumbel_bias_is_detected_and_shrinks_with_temperature(space: LatentSpace
 
 @pytest.mark.parametrize("space", SPACES, ids=str)
 def test_straight_through_has_biased_scores_but_unbiased_decoder_gradients(space: LatentSpace) -> None:
-    torch.manual_seed(0)
-    scores = make_scores(space)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
-    exact = exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
+    scores, decoder, exact = seeded_gradient_problem(space)
     estimator = StraightThroughGumbel(space, fixed_temperature(0.5))
     score_draws, decoder_draws = draw_gradients(estimator, scores, decoder, 2000, 10)
     assert max_z_score(score_draws, exact) > Z_MAX

@@ -9,26 +9,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from lvzoo.runners import ConfigError, TerminatedError, TrainResult, evaluate_checkpoint, train
 from lvzoo.runners import checkpoint as ckpt
-from lvzoo.runners.cli import main
 from lvzoo.runners.config import parse_value, split_overrides
 from tests.conftest import MlflowStore
+from tests.interrupts import sigkill_once_file_exists
+from tests.runner_cli import error_line, invoke, printed_run_id
 from tests.runner_toy import FEATURES, NUM_CODES, TemperedSoftmax, ToyTask, toy_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +48,6 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(metric.step for metric in client.get_metric_history(run_id, key))
 
 
-def _invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, args, env=env)
-
-
 def _statuses_in(store: MlflowStore, run_dir: Path) -> list[str]:
     """Statuses of the ToyTask runs whose checkpoints live in ``run_dir``."""
     client = MlflowClient(store.uri)
@@ -63,22 +55,6 @@ def _statuses_in(store: MlflowStore, run_dir: Path) -> list[str]:
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`lvzoo.run_dir` = '{run_dir}'")
     return [run.info.status for run in runs]
-
-
-def _run_id(result: Result) -> str:
-    """The run id that a successful CLI training call reports."""
-    found = re.search(r"^run (\w+) finished", result.stdout, re.MULTILINE)
-    assert found, result.stdout
-    return found.group(1)
-
-
-def _error_line(result: Result) -> str:
-    """The single stderr line of a failed CLI call (asserting there is exactly one)."""
-    assert result.exit_code != 0, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line, got: {result.stderr!r}"
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +106,7 @@ def test_ambiguous_keys_need_a_prefix() -> None:
 
 @pytest.mark.usefixtures("toy_plugins")
 def test_cli_list_shows_plugins_estimator_spaces_and_fields() -> None:
-    result = _invoke(["list"])
+    result = invoke(["list"])
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "toy  (default epochs: 2)" in out
@@ -145,8 +121,8 @@ def test_cli_list_shows_plugins_estimator_spaces_and_fields() -> None:
     ("args", "expected"),
     [
         (["--set", "lr=fast"], "bad value for task.lr: 'fast' is not a float | None"),
-        (["--set", "batch_size=0"], "batch_size must be a positive int, got 0"),
-        (["--set", "temperature=-1"], "temperature must be > 0, got -1.0"),
+        (["--set", "batch_size=0"], "batch_size must be None or an int >= 1, got 0"),
+        (["--set", "temperature=-1"], "temperature must be a number > 0, got -1.0"),
         (["--set", "colour=red"], "unknown key 'colour'; accepted keys: task.batch_size, task.lr"),
         (["--set", "noise"], "--set expects key=value, got 'noise'"),
         (["--set", "bits=true"], "cannot use estimator 'tempered'"),
@@ -155,19 +131,19 @@ def test_cli_list_shows_plugins_estimator_spaces_and_fields() -> None:
     ],
 )
 def test_cli_rejects_bad_configuration_with_one_line(args: list[str], expected: str) -> None:
-    line = _error_line(_invoke(["--task", "toy", "--estimator", "tempered", *args]))
+    line = error_line(invoke(["--task", "toy", "--estimator", "tempered", *args]))
     assert expected in line
 
 
 @pytest.mark.usefixtures("toy_plugins", "workdir")
 def test_cli_unknown_names_list_the_available_ones() -> None:
-    line = _error_line(_invoke(["--task", "toy", "--estimator", "nope"]))
+    line = error_line(invoke(["--task", "toy", "--estimator", "nope"]))
     assert "unknown estimator 'nope'" in line and "sparsemax" in line and "tempered" in line
-    line = _error_line(_invoke(["--task", "nope", "--estimator", "tempered"]))
+    line = error_line(invoke(["--task", "nope", "--estimator", "tempered"]))
     assert "unknown task 'nope'" in line and "toy" in line
-    line = _error_line(_invoke(["--estimator", "tempered"]))
+    line = error_line(invoke(["--estimator", "tempered"]))
     assert "--task and --estimator are required" in line
-    line = _error_line(_invoke(["--task", "toy", "--estimator", "tempered", "--epochs", "two"]))
+    line = error_line(invoke(["--task", "toy", "--estimator", "tempered", "--epochs", "two"]))
     assert "'two' is not a valid integer" in line
 
 
@@ -175,13 +151,13 @@ def test_cli_unknown_names_list_the_available_ones() -> None:
 def test_cli_trains_resumes_and_evaluates(mlflow_store: MlflowStore, workdir: Path) -> None:
     uri = mlflow_store.uri
     data_dir = workdir / "data"
-    result = _invoke(
+    result = invoke(
         ["--task", "toy", "--estimator", "tempered", "--epochs", "1", "--tracking-uri", uri,
          "--set", "temperature=2", "--set", "task.noise=0", "--set", "lr=0.01"],
         env={"LVZOO_DATA": str(data_dir)},
     )
     assert result.exit_code == 0, result.output
-    run_id = _run_id(result)
+    run_id = printed_run_id(result.stdout)
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -193,18 +169,18 @@ def test_cli_trains_resumes_and_evaluates(mlflow_store: MlflowStore, workdir: Pa
     checkpoint = workdir / "runs" / run_id / ckpt.CHECKPOINT_NAME
     assert ckpt.load(checkpoint)["data_dir"] == str(data_dir)
 
-    resumed = _invoke(["--resume", run_id, "--epochs", "2", "--tracking-uri", uri])
+    resumed = invoke(["--resume", run_id, "--epochs", "2", "--tracking-uri", uri])
     assert resumed.exit_code == 0, resumed.output
-    assert _run_id(resumed) == run_id
+    assert printed_run_id(resumed.stdout) == run_id
     assert _steps(client, run_id, "train_loss") == [0, 1]
-    line = _error_line(_invoke(["--resume", run_id, "--tracking-uri", uri]))
+    line = error_line(invoke(["--resume", run_id, "--tracking-uri", uri]))
     assert f"run {run_id} already completed 2 epochs" in line
 
-    evaluated = _invoke(["eval", str(checkpoint), "--split", "val"])
+    evaluated = invoke(["eval", str(checkpoint), "--split", "val"])
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.stdout)
     assert metrics["loss"] == pytest.approx(client.get_run(run_id).data.metrics["val_loss"], rel=1e-6)
-    final = json.loads(_invoke(["eval", str(checkpoint), "--final"]).stdout)
+    final = json.loads(invoke(["eval", str(checkpoint), "--final"]).stdout)
     assert final["final_support"] == NUM_CODES
 
 
@@ -332,23 +308,8 @@ def test_resume_after_sigkill_continues_the_same_run(mlflow_store: MlflowStore, 
         f"run_in_subprocess({mlflow_store.uri!r}, {str(run_dir)!r}, {epochs}, {delay})"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "true"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
     checkpoint = run_dir / ckpt.CHECKPOINT_NAME
-    try:
-        deadline = time.monotonic() + 180
-        while not checkpoint.exists():
-            if process.poll() is not None:
-                pytest.fail(f"training subprocess exited early: {process.stderr.read().decode() if process.stderr else ''}")
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait(timeout=30)
-        if process.stderr:
-            process.stderr.close()
+    sigkill_once_file_exists(code, checkpoint, cwd=workdir, env=env, timeout_s=180)
     state = ckpt.load(checkpoint)
     assert 1 <= state["completed_epochs"] < epochs
     client = MlflowClient(mlflow_store.uri)

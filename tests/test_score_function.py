@@ -81,6 +81,15 @@ def draw_gradients(
     return torch.cat(score_draws), torch.stack(decoder_draws)
 
 
+def seeded_gradient_problem(space: LatentSpace) -> tuple[Tensor, QuadraticDecoderLoss, Tensor]:
+    """Seed the global RNG (0) and return ``(scores [B, N], decoder, exact score gradient [B, N])`` of the test
+    problem on ``space``."""
+    torch.manual_seed(0)
+    scores = make_scores(space)
+    decoder = QuadraticDecoderLoss(space, EXAMPLES)
+    return scores, decoder, exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
+
+
 def exact_decoder_gradient(space: LatentSpace, scores: Tensor, decoder: QuadraticDecoderLoss) -> Tensor:
     """Exact ``d/dparams sum_b E_pi[loss_b]``, flattened ``[P]``."""
     value = exact_expectation(space, gibbs_probs(space, scores), decoder).sum()
@@ -147,14 +156,11 @@ UNBIASED: dict[str, Callable[[LatentSpace], Estimator[Any]]] = {
 @pytest.mark.parametrize("space", SPACES, ids=str)
 @pytest.mark.parametrize("name", sorted(UNBIASED))
 def test_gradients_are_unbiased(name: str, space: LatentSpace) -> None:
-    torch.manual_seed(0)
-    scores = make_scores(space)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
+    scores, decoder, exact = seeded_gradient_problem(space)
     inputs = make_inputs() if name == "nvil" else None
     score_draws, decoder_draws = draw_gradients(
         UNBIASED[name](space), scores, decoder, replicas=2000, groups=10, encoder_input=inputs
     )
-    exact = exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
     assert exact.abs().max() > 0.05  # a non-trivial target
     assert max_z_score(score_draws, exact) < Z_MAX
     assert max_z_score(decoder_draws, exact_decoder_gradient(space, scores, decoder)) < Z_MAX
@@ -162,12 +168,9 @@ def test_gradients_are_unbiased(name: str, space: LatentSpace) -> None:
 
 def test_sum_and_sample_top2_is_unbiased() -> None:
     space = Categorical(6)
-    torch.manual_seed(0)
-    scores = make_scores(space)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
+    scores, decoder, exact = seeded_gradient_problem(space)
     estimator = SumAndSample(space, SumAndSampleConfig(top_k=2))
     score_draws, decoder_draws = draw_gradients(estimator, scores, decoder, replicas=2000, groups=10)
-    exact = exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
     assert max_z_score(score_draws, exact) < Z_MAX
     assert max_z_score(decoder_draws, exact_decoder_gradient(space, scores, decoder)) < Z_MAX
 
@@ -175,10 +178,7 @@ def test_sum_and_sample_top2_is_unbiased() -> None:
 @pytest.mark.parametrize("space", SPACES, ids=str)
 def test_unbiasedness_check_rejects_biased_variants(space: LatentSpace) -> None:
     """The same check, same draw count, flags a dropped and a 30%-shrunk score-function term."""
-    torch.manual_seed(0)
-    scores = make_scores(space)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
-    exact = exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
+    scores, decoder, exact = seeded_gradient_problem(space)
     for factor in (0.0, 0.7):
         score_draws, decoder_draws = draw_gradients(ScaledScoreSFE(space, factor), scores, decoder, 2000, 16)
         assert max_z_score(score_draws, exact) > Z_MAX

@@ -1,17 +1,15 @@
 """The bit-vector VAE task and model: chunked likelihood, importance-sampled NLL against exact enumeration,
 ELBO bounds, training steps, evaluation, artifacts and configuration.
 
-Uses the real Fashion-MNIST files when ``/work/shared/data`` holds them, generated uint8 images otherwise.
+Uses the real Fashion-MNIST files when ``<repo>/../shared/data`` holds them, generated uint8 images otherwise.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,30 +42,16 @@ from lvzoo.tasks.bitvec import (
     sparse_log_marginal_terms,
 )
 from lvzoo.tasks.data import load_images
+from tests.datasets import SHARED_DATA, shared_or_random_root
 
-SHARED_DATA = Path("/work/shared/data")
 TINY_BITS = 4
 LOG2 = math.log(2.0)
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = (0x08 << 8 | array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real data root, or a generated Fashion-MNIST-shaped one (300 train + 5000 validation, 100 test)."""
-    if (SHARED_DATA / "FashionMNIST" / "raw").is_dir():
-        return SHARED_DATA
-    root = tmp_path_factory.mktemp("data")
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, count in (("train", 300 + VALIDATION_SIZE), ("t10k", 100)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
-    return root
+    return shared_or_random_root(tmp_path_factory, {"FashionMNIST": (300 + VALIDATION_SIZE, 100)})
 
 
 @pytest.fixture(scope="module")
@@ -423,12 +407,12 @@ def test_save_artifacts_writes_a_png(data_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"bits": 0}, "bits must be a positive int, got 0"),
-        ({"bits": -4}, "bits must be a positive int, got -4"),
+        ({"bits": 0}, "bits must be an int >= 1, got 0"),
+        ({"bits": -4}, "bits must be an int >= 1, got -4"),
         ({"bits": 32, "budget": 33}, r"budget must be None or an int in \[1, bits=32\], got 33"),
         ({"bits": 8, "budget": 0}, r"budget must be None or an int in \[1, bits=8\], got 0"),
-        ({"is_samples": 0}, "is_samples must be a positive int, got 0"),
-        ({"likelihood_chunk": -1}, "likelihood_chunk must be a positive int, got -1"),
+        ({"is_samples": 0}, "is_samples must be an int >= 1, got 0"),
+        ({"likelihood_chunk": -1}, "likelihood_chunk must be an int >= 1, got -1"),
     ],
 )
 def test_config_validators_name_the_bad_value(settings: dict[str, Any], message: str) -> None:

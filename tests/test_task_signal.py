@@ -1,6 +1,6 @@
 """The signalling game: feature loaders, game construction, the model's loss rows, training and evaluation.
 
-Image data: a small subset of the real MNIST / Fashion-MNIST (``/work/shared/data``) written in torchvision's
+Image data: a small subset of the real MNIST / Fashion-MNIST (``<repo>/../shared/data``) written in torchvision's
 raw layout to a temporary root, or generated class-prototype images with the same layout when the real files
 are absent. Small sizes keep the file fast.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.score_function import SFE
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.models.signal import SignalGameModel
-from lvzoo.tasks.data import load_images
+from lvzoo.tasks.data import DATASETS, load_images
 from lvzoo.tasks.signal import TEST_GAMES, VAL_GAMES, GameBatch, SignalGameConfig, SignalGameTask
 from lvzoo.tasks.signal_data import (
     FEATURES_FILE,
@@ -46,18 +45,15 @@ from lvzoo.tasks.signal_data import (
     load_concept_images,
     load_vgg_features,
 )
+from tests.datasets import shared_data_root, write_dataset
 
-REAL_DATA = Path("/work/shared/data")
+#: Single-threaded: these tensors are small, and on an oversubscribed machine one thread is much faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TRAIN_PER_DATASET, TEST_PER_DATASET = 2000, 500
 CPU = torch.device("cpu")
 #: A small game that trains in seconds: 16 candidates as in the paper, small networks.
 SMALL: dict[str, Any] = {"vocab_size": 16, "hidden_size": 32, "embedding_size": 32, "sender_temperature": 1.0}
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """Write an unsigned-byte IDX file (the format of the MNIST raw files)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
 def _generated_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,27 +69,17 @@ def _generated_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root with small MNIST / FashionMNIST raw files (real subsets when available)."""
     root = tmp_path_factory.mktemp("signal-data")
-    for offset, name in enumerate(("MNIST", "FashionMNIST")):
-        raw = root / name / "raw"
-        raw.mkdir(parents=True)
-        for split, prefix, count in (("train", "train", TRAIN_PER_DATASET), ("test", "t10k", TEST_PER_DATASET)):
-            if REAL_DATA.is_dir():
-                images_t, labels_t = load_images(name, split, REAL_DATA, download=False)  # type: ignore[arg-type]
-                images, labels = images_t[:count].numpy(), labels_t[:count].numpy().astype(np.uint8)
+    shared = shared_data_root(*DATASETS)
+    for offset, name in enumerate(DATASETS):
+        splits = []
+        for split, count in (("train", TRAIN_PER_DATASET), ("test", TEST_PER_DATASET)):
+            if shared is not None:
+                images, labels = load_images(name, split, shared, download=False)  # type: ignore[arg-type]
+                splits.append((images[:count].numpy(), labels[:count].numpy()))
             else:
-                images, labels = _generated_images(count, seed=2 * offset + (split == "test"))
-            _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-            _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+                splits.append(_generated_images(count, seed=2 * offset + (split == "test")))
+        write_dataset(root, name, splits[0], splits[1])
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Run single-threaded: these tensors are small, and on an oversubscribed machine one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _task(data_root: Path, estimator: str = "sparsemax", **overrides: Any) -> SignalGameTask:

@@ -1,10 +1,8 @@
-"""The semi-supervised VAE task and model (real MNIST when present, generated IDX files otherwise)."""
+"""The semi-supervised VAE task and model (real MNIST of ``<repo>/../shared/data`` when present, generated IDX files otherwise)."""
 
 from __future__ import annotations
 
-import gzip
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,47 +24,21 @@ from lvzoo.estimators.base import (
 from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.models.ssvae import SSVAEModel
-from lvzoo.tasks.data import DataNotFoundError, find_root, load_images, load_ssvae_splits
+from lvzoo.tasks.data import load_images, load_ssvae_splits
 from lvzoo.tasks.ssvae import SSVAEBatch, SSVAEConfig, SSVAETask, split_indices
+from tests.datasets import shared_or_random_root, write_random_datasets
+
+#: One intra-op thread: the small matrices gain nothing from more, and the test machine is shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 SMALL = {"train_limit": 400, "eval_limit": 120, "batch_size": 32}
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file (gzipped) of a uint8 array."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-def write_generated_mnist(root: Path, num_train: int, num_test: int, seed: int = 0) -> None:
-    """Random uint8 images with random labels in ``root/MNIST/raw`` (torchvision layout)."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, count in (("train", num_train), ("t10k", num_test)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: the small matrices gain nothing from more, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The root holding the real MNIST files, or a directory of generated ones."""
-    try:
-        return find_root("MNIST", download=False)
-    except DataNotFoundError:
-        root = tmp_path_factory.mktemp("mnist")
-        write_generated_mnist(root, num_train=1200, num_test=200)
-        return root
+    """The shared root holding the real MNIST files, or a directory of generated ones."""
+    return shared_or_random_root(tmp_path_factory, {"MNIST": (1200, 200)})
 
 
 def make_task(data_dir: Path, estimator_name: str = "softmax", **overrides: Any) -> SSVAETask:
@@ -83,6 +55,18 @@ def load_estimator(task: SSVAETask) -> Estimator[Any]:
 
 def first_batch(task: SSVAETask, seed: int = 0) -> SSVAEBatch:
     return next(iter(task.train_batches(torch.Generator().manual_seed(seed))))
+
+
+def sharpened_model(task: SSVAETask, seed: int, factor: float) -> SSVAEModel:
+    """``task.build_model()`` under ``torch.manual_seed(seed)``, its classifier's last weights scaled by ``factor``
+    (sharper class scores)."""
+    torch.manual_seed(seed)
+    model = task.build_model()
+    last = model.classifier[-1]
+    assert isinstance(last, torch.nn.Linear)
+    with torch.no_grad():
+        last.weight.mul_(factor)
+    return model
 
 
 def test_interface_shapes_and_batches(data_dir: Path) -> None:
@@ -146,7 +130,7 @@ def test_split_files_are_used_when_present(data_dir: Path, tmp_path: Path) -> No
         root, num_train, sizes = data_dir, 60_000, (5_000, 45_000, 10_000)
     else:
         root, num_train, sizes = tmp_path, 120, (10, 90, 20)
-        write_generated_mnist(root, num_train=num_train, num_test=20)
+        write_random_datasets(root, {"MNIST": (num_train, 20)})
         order = np.random.default_rng(5).permutation(num_train)
         write_split_files(root, order[:10].astype(np.int32), order[10:100], order[100:])  # any integer dtype
     splits = load_ssvae_splits(root)
@@ -169,7 +153,7 @@ def test_split_files_are_used_when_present(data_dir: Path, tmp_path: Path) -> No
 
 
 def test_generated_data_uses_a_seeded_split(tmp_path: Path) -> None:
-    write_generated_mnist(tmp_path, num_train=240, num_test=30)
+    write_random_datasets(tmp_path, {"MNIST": (240, 30)})
     task = SSVAETask(SSVAEConfig(), "softmax", tmp_path, CPU)
     data = task.data
     assert (data.labelled_labels.numel(), data.unlabelled_images.shape[0], data.val_labels.numel()) == (20, 180, 40)
@@ -178,12 +162,7 @@ def test_generated_data_uses_a_seeded_split(tmp_path: Path) -> None:
 
 def test_sparsemax_calls_the_loss_once_on_the_support_only(data_dir: Path) -> None:
     task = make_task(data_dir, "sparsemax")
-    torch.manual_seed(0)
-    model = task.build_model()
-    last = model.classifier[-1]
-    assert isinstance(last, torch.nn.Linear)
-    with torch.no_grad():
-        last.weight.mul_(40.0)  # peaked scores so that sparsemax drops classes
+    model = sharpened_model(task, seed=0, factor=40.0)  # peaked scores so that sparsemax drops classes
     calls: list[tuple[Tensor, Tensor]] = []
     original = model.neg_elbo_given_class
 
@@ -368,12 +347,8 @@ class _PluginSparsemax(MarginalizingEstimator[EstimatorConfig]):
 
 def test_a_plugin_marginalizing_estimator_is_evaluated_under_its_own_distribution(data_dir: Path) -> None:
     task = make_task(data_dir, "sparsemax")
-    torch.manual_seed(9)
-    model = task.build_model()
-    last_layer = model.classifier[-1]
-    assert isinstance(last_layer, torch.nn.Linear)
-    with torch.no_grad():  # a sharper classifier: sparsemax then differs clearly from the softmax fallback
-        last_layer.weight.mul_(20.0)
+    # a sharper classifier: sparsemax then differs clearly from the softmax fallback
+    model = sharpened_model(task, seed=9, factor=20.0)
     metrics = task.evaluate(model, _PluginSparsemax(task.latent_space()), "val")
     assert metrics == task.evaluate(model, SparsemaxMarginal(task.latent_space()), "val")
     assert metrics["decoder_calls"] < 10.0
@@ -415,7 +390,7 @@ def test_save_artifacts_writes_a_png(data_dir: Path, tmp_path: Path) -> None:
         ("classification_loss", "hinge", "classification_loss must be one of auto, nll, sparsemax"),
         ("split_seed", -1, "split_seed must be an int >= 0"),
         ("eval_batch_size", 0, "eval_batch_size must be an int >= 1"),
-        ("batch_size", 0, "batch_size must be a positive int"),
+        ("batch_size", 0, "batch_size must be None or an int >= 1"),
     ],
 )
 def test_config_validators(field: str, value: Any, message: str) -> None:

@@ -45,14 +45,19 @@ def check_kbest(t: Tensor, k: int, budget: int | None) -> tuple[Tensor, Tensor]:
     return z, scores
 
 
+def _random_budget_and_k(dim: int, use_budget: bool, g: torch.Generator) -> tuple[int | None, int]:
+    """A random budget in ``[1, dim]`` (``None`` unless ``use_budget``) and ``k`` in ``[1, min(feasible, 40)]``."""
+    budget = int(torch.randint(1, dim + 1, (), generator=g)) if use_budget else None
+    feasible = BitVector(dim, budget).num_assignments()
+    return budget, int(torch.randint(1, min(feasible, 40) + 1, (), generator=g))
+
+
 @pytest.mark.parametrize("use_budget", [False, True])
 @pytest.mark.parametrize("dim", range(1, 9))
 def test_kbest_equals_brute_force_on_random_scores(dim: int, use_budget: bool) -> None:
     g = torch.Generator().manual_seed(100 * dim + use_budget)
     for _ in range(4):
-        budget = int(torch.randint(1, dim + 1, (), generator=g)) if use_budget else None
-        feasible = BitVector(dim, budget).num_assignments()
-        k = int(torch.randint(1, min(feasible, 40) + 1, (), generator=g))
+        budget, k = _random_budget_and_k(dim, use_budget, g)
         t = torch.randn(3, dim, generator=g, dtype=torch.float64) * 2
         check_kbest(t, k, budget)
 
@@ -63,9 +68,7 @@ def test_kbest_equals_brute_force_with_ties(dim: int, use_budget: bool) -> None:
     """Integer scores (many zeros and repeats) and constant scores make many assignments tie."""
     g = torch.Generator().manual_seed(7 * dim + use_budget)
     for _ in range(4):
-        budget = int(torch.randint(1, dim + 1, (), generator=g)) if use_budget else None
-        feasible = BitVector(dim, budget).num_assignments()
-        k = int(torch.randint(1, min(feasible, 40) + 1, (), generator=g))
+        budget, k = _random_budget_and_k(dim, use_budget, g)
         integer = torch.randint(-2, 3, (3, dim), generator=g).to(torch.float64)
         repeated = torch.full((2, dim), 1.5, dtype=torch.float64)
         repeated[1] = -1.5

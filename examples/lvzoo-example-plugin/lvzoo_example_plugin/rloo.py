@@ -14,18 +14,14 @@ from torch.nn import functional as F
 
 from lvzoo.estimators import Categorical, Estimator, EstimatorConfig, EstimatorResult, LossFn
 from lvzoo.estimators.base import evaluate_rows
-
-
-def _at_least_two(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"{attribute.name} must be an int >= 2 (the baseline leaves one draw out), got {value!r}")
+from lvzoo.estimators.validators import int_at_least
 
 
 @attrs.frozen
 class RLOOConfig(EstimatorConfig):
     """``num_samples``: draws per example (``>= 2``); each draw's baseline is the mean loss of the others."""
 
-    num_samples: int = attrs.field(default=4, validator=_at_least_two)
+    num_samples: int = attrs.field(default=4, validator=int_at_least(2).because("the baseline leaves one draw out"))
 
 
 class RLOO(Estimator[RLOOConfig]):
