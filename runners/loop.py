@@ -421,8 +421,8 @@ def _train_epoch(
             torch.autograd.backward(out.loss)
             optimizer.step()
             loss = out.loss.detach()
-            sums["loss"] = sums["loss"] + loss if "loss" in sums else loss.clone()
-            for key, value in out.metrics.items():
+            # the loop's own "loss" wins over a task metric of the same name (each key is summed once per step)
+            for key, value in {**out.metrics, "loss": loss}.items():
                 value = value.detach()
                 sums[key] = sums[key] + value if key in sums else value.clone()
             supports.append(out.support.detach().reshape(-1))

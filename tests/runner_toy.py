@@ -134,7 +134,12 @@ class ToyTask(Task[ToyConfig]):
         loss = result.surrogate.mean() - entropy_coef * result.entropy.mean()
         return StepOutput(
             loss=loss,
-            metrics={"objective": result.objective.mean(), "entropy": result.entropy.detach().mean()},
+            # "loss" as the real tasks report it: the loop must not count it twice
+            metrics={
+                "loss": loss.detach(),
+                "objective": result.objective.mean(),
+                "entropy": result.entropy.detach().mean(),
+            },
             support=result.support,
         )
 

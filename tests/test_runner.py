@@ -204,6 +204,9 @@ def test_run_logs_params_metrics_tags_artifacts(reference: TrainResult, mlflow_s
         history = client.get_metric_history(reference.run_id, key)
         assert sorted(m.step for m in history) == list(range(EPOCHS)), key
         assert all(math.isfinite(m.value) for m in history), key
+    # exact marginalization: the step loss is objective - entropy_coef * entropy, averaged over the epoch's steps
+    metrics = run.data.metrics
+    assert metrics["train_loss"] == pytest.approx(metrics["train_objective"] - 0.1 * metrics["train_entropy"], rel=1e-5)
     calls = sorted(client.get_metric_history(reference.run_id, "decoder_calls"), key=lambda m: m.step)
     # dense marginalization evaluates all K codes of every training point once per epoch
     assert [m.value for m in calls] == [TRAIN_POINTS * NUM_CODES * (epoch + 1) for epoch in range(EPOCHS)]
