@@ -12,20 +12,19 @@ The task benchmarks read MNIST / Fashion-MNIST from the runner's data search pat
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from lvzoo.tasks.data import DataNotFoundError, find_root
+from tests.datasets import write_random_datasets
 
 FAST_MAX_TIME = 0.25
 FAST_MIN_ROUNDS = 2
-#: Images per generated split when the real datasets are missing (Fashion-MNIST needs > 5,000 training images).
-GENERATED_IMAGES = {"train": 6000, "t10k": 200}
+#: (train, test) images per generated dataset when the real ones are missing (Fashion-MNIST needs > 5,000 train).
+GENERATED_IMAGES = (6000, 200)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -85,11 +84,6 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(str(request.config.getoption("--bench-device")))
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = (0x08 << 8 | array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), compresslevel=1))
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     """``None`` (the runner's search path) when MNIST and Fashion-MNIST are found there, else a generated root."""
@@ -100,11 +94,5 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
     except DataNotFoundError:
         pass
     root = tmp_path_factory.mktemp("bench-data")
-    rng = np.random.default_rng(0)
-    for name in ("MNIST", "FashionMNIST"):
-        raw = root / name / "raw"
-        raw.mkdir(parents=True)
-        for prefix, count in GENERATED_IMAGES.items():
-            _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
-            _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, count))
+    write_random_datasets(root, {"MNIST": GENERATED_IMAGES, "FashionMNIST": GENERATED_IMAGES})
     return root
