@@ -227,12 +227,14 @@ class ProbeConfig(EstimatorConfig):
 @attrs.frozen
 class RecordedRows:
     """The decoder rows of one estimator call on ``num_examples`` examples: ``z_rows [R, N]`` (detached),
-    ``example_index [R]`` and whether the estimator passed rows that require a gradient (relaxed samples)."""
+    ``example_index [R]``, whether the estimator passed rows that require a gradient (relaxed samples) and the
+    rows' categories where it declared them one-hot (see :func:`~lvzoo.estimators.base.evaluate_rows`)."""
 
     z_rows: Tensor
     example_index: Tensor
     requires_grad: bool
     num_examples: int
+    categories: Tensor | None = None
 
 
 def _zero_result(scores: Tensor, surrogate: Tensor) -> EstimatorResult:
@@ -266,7 +268,7 @@ class ReplayRows(Estimator[ProbeConfig]):
 
     def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
         z_rows = self.rows.z_rows.clone().requires_grad_(self.rows.requires_grad)
-        losses = evaluate_rows(loss_fn, z_rows, self.rows.example_index)
+        losses = evaluate_rows(loss_fn, z_rows, self.rows.example_index, self.rows.categories)
         return _zero_result(scores, segment_sum(losses, self.rows.example_index, scores.shape[0]))
 
 
@@ -282,12 +284,27 @@ class RowRecorder(Estimator[ProbeConfig]):
         self.calls: list[RecordedRows] = []
 
     def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
-        def recording(z_rows: Tensor, example_index: Tensor) -> Tensor:
-            recorded = RecordedRows(z_rows.detach().clone(), example_index, z_rows.requires_grad, scores.shape[0])
-            self.calls.append(recorded)
-            return loss_fn(z_rows, example_index)
+        return self.inner(scores, _RecordingLoss(loss_fn, self.calls, scores), encoder_input)
 
-        return self.inner(scores, recording, encoder_input)
+
+class _RecordingLoss:
+    """A loss that appends each call's rows to ``calls`` and forwards it (``of_categories`` too, where it exists).
+
+    ``scores [B, N]`` give the number of examples and the width and dtype of one-hot rows."""
+
+    def __init__(self, loss_fn: LossFn, calls: list[RecordedRows], scores: Tensor) -> None:
+        self.loss_fn, self.calls, self.scores = loss_fn, calls, scores
+        self.num_examples = scores.shape[0]
+
+    def __call__(self, z_rows: Tensor, example_index: Tensor) -> Tensor:
+        self.calls.append(RecordedRows(z_rows.detach().clone(), example_index, z_rows.requires_grad, self.num_examples))
+        return self.loss_fn(z_rows, example_index)
+
+    def of_categories(self, categories: Tensor, example_index: Tensor) -> Tensor:
+        eye = torch.eye(self.scores.shape[1], dtype=self.scores.dtype, device=categories.device)
+        rows = RecordedRows(eye[categories], example_index, False, self.num_examples, categories)
+        self.calls.append(rows)
+        return evaluate_rows(self.loss_fn, rows.z_rows, example_index, categories)
 
 
 def record_rows(setup: TaskSetup) -> RecordedRows:

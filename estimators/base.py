@@ -22,7 +22,13 @@ from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 
 
 class LossFn(Protocol):
-    """Per-row downstream loss: ``(z_rows [R, N], example_index [R] long) -> loss [R]``."""
+    """Per-row downstream loss: ``(z_rows [R, N], example_index [R] long) -> loss [R]``.
+
+    A loss may also implement ``of_categories(categories [R] long, example_index [R]) -> loss [R]``, the same
+    values and parameter gradients for the constant one-hot rows ``one_hot(categories)``;
+    :func:`evaluate_rows` then calls it instead (e.g. the signalling game gathers rows from all
+    symbol-candidate logits, computed once per batch, instead of embedding ``[R, K]`` one-hot rows).
+    """
 
     def __call__(self, z_rows: Tensor, example_index: Tensor) -> Tensor: ...
 
@@ -103,9 +109,19 @@ class Estimator(nn.Module, Generic[C], abc.ABC):
             )
 
 
-def evaluate_rows(loss_fn: LossFn, z_rows: Tensor, example_index: Tensor) -> Tensor:
-    """Call ``loss_fn`` once on ``z_rows [R, N]`` and check it returns one loss per row ``[R]``."""
-    losses = loss_fn(z_rows, example_index)
+def evaluate_rows(
+    loss_fn: LossFn, z_rows: Tensor, example_index: Tensor, categories: Tensor | None = None
+) -> Tensor:
+    """Call ``loss_fn`` once on ``z_rows [R, N]`` and check it returns one loss per row ``[R]``.
+
+    ``categories [R]``: the caller's statement that ``z_rows`` are the one-hot rows of these categories. When the
+    rows carry no gradient and ``loss_fn`` has ``of_categories`` (see :class:`LossFn`), that is called instead.
+    """
+    of_categories = getattr(loss_fn, "of_categories", None)
+    if categories is not None and of_categories is not None and not z_rows.requires_grad:
+        losses: Tensor = of_categories(categories, example_index)
+    else:
+        losses = loss_fn(z_rows, example_index)
     if losses.shape != (z_rows.shape[0],):
         raise ValueError(
             f"loss_fn must return one loss per row, shape ({z_rows.shape[0]},), got {tuple(losses.shape)}"
@@ -125,6 +141,7 @@ class SparseDistribution:
 
     ``z_rows [R, N]`` assignments, ``example_index [R]`` long (non-decreasing), ``probs [R] > 0``
     (differentiable w.r.t. the scores), over ``num_examples`` examples; each example's probs sum to 1.
+    ``categories [R]``: for one-hot rows of a categorical space, the category of each row (else ``None``).
     """
 
     z_rows: Tensor
@@ -132,6 +149,7 @@ class SparseDistribution:
     probs: Tensor
     num_examples: int
     logs: Mapping[str, Tensor] = attrs.field(factory=dict)
+    categories: Tensor | None = None
 
 
 def marginalize(dist: SparseDistribution, loss_fn: LossFn, logs: Mapping[str, Tensor] | None = None) -> EstimatorResult:
@@ -140,7 +158,7 @@ def marginalize(dist: SparseDistribution, loss_fn: LossFn, logs: Mapping[str, Te
     The surrogate ``sum_z pi(z) loss(z)`` is the exact expected loss, so its gradient is exact w.r.t. both
     the decoder (through ``loss``) and the encoder (through ``probs``).
     """
-    return expectation(dist, evaluate_rows(loss_fn, dist.z_rows, dist.example_index), logs)
+    return expectation(dist, evaluate_rows(loss_fn, dist.z_rows, dist.example_index, dist.categories), logs)
 
 
 def expectation(
@@ -196,6 +214,7 @@ def dense_to_sparse(probs: Tensor, space: LatentSpace) -> SparseDistribution:
         example_index=example_index,
         probs=probs[example_index, category],
         num_examples=probs.shape[0],
+        categories=category,
     )
 
 

@@ -99,6 +99,10 @@ class EncoderDistribution(abc.ABC):
     def top_k_split(self, k: int, generator: torch.Generator | None) -> TopKSplit:
         """The ``k`` most probable assignments and a draw from the rest; see :class:`TopKSplit`."""
 
+    def categories(self, z_rows: Tensor) -> Tensor | None:
+        """The category of each hard one-hot row ``[R, N]`` -> ``[R]``, or ``None`` where rows are not one-hot."""
+        return None
+
 
 class CategoricalDistribution(EncoderDistribution):
     """``pi = softmax(scores)`` over ``K`` classes; assignments are one-hot rows."""
@@ -129,6 +133,9 @@ class CategoricalDistribution(EncoderDistribution):
 
     def harden(self, relaxed: Tensor) -> Tensor:
         return self._one_hot(relaxed.detach().argmax(-1))
+
+    def categories(self, z_rows: Tensor) -> Tensor:
+        return z_rows.argmax(-1)
 
     def top_k_split(self, k: int, generator: torch.Generator | None) -> TopKSplit:
         logits = self.scores.detach()

@@ -52,6 +52,7 @@ def all_rows(probs: Tensor, space: Categorical) -> SparseDistribution:
         example_index=torch.arange(batch, device=probs.device).repeat_interleave(num_classes),
         probs=probs.reshape(-1),
         num_examples=batch,
+        categories=torch.arange(num_classes, device=probs.device).repeat(batch),
     )
 
 

@@ -72,7 +72,7 @@ class SFE(SamplingEstimator[SFEConfig]):
         dist = self.distribution(scores)
         z = dist.sample(self.generator)
         index, support = _one_row_each(scores.shape[0], scores.device)
-        losses = evaluate_rows(loss_fn, z, index)
+        losses = evaluate_rows(loss_fn, z, index, dist.categories(z))
         baseline = self.baseline.to(losses.dtype, copy=True)
         surrogate = losses + (losses - baseline).detach() * dist.log_prob(z)
         if self.training:
@@ -108,7 +108,7 @@ class SelfCriticSFE(SamplingEstimator[SelfCriticConfig]):
         z_critic = dist.sample(self.generator)
         rows = torch.stack([z, z_critic], dim=1).reshape(2 * batch, -1)
         index = torch.arange(batch, device=scores.device).repeat_interleave(2)
-        losses = evaluate_rows(loss_fn, rows, index).reshape(batch, 2)
+        losses = evaluate_rows(loss_fn, rows, index, dist.categories(rows)).reshape(batch, 2)
         loss, critic = losses[:, 0], losses[:, 1]
         surrogate = loss + (loss - critic).detach() * dist.log_prob(z)
         return EstimatorResult(
@@ -187,7 +187,7 @@ class NVIL(SamplingEstimator[NVILConfig]):
         baseline = self._baseline(encoder_input, batch)
         z = dist.sample(self.generator)
         index, support = _one_row_each(batch, scores.device)
-        losses = evaluate_rows(loss_fn, z, index)
+        losses = evaluate_rows(loss_fn, z, index, dist.categories(z))
         baseline = baseline.to(losses.dtype)
         squared_error = (baseline - losses.detach()) ** 2
         surrogate = losses + (losses - baseline).detach() * dist.log_prob(z) + squared_error
@@ -242,7 +242,7 @@ class SumAndSample(SamplingEstimator[SumAndSampleConfig]):
         split = dist.top_k_split(top_k, self.generator)
         rows = torch.cat([split.top_rows, split.complement_sample.unsqueeze(1)], dim=1).reshape(-1, width)
         index = torch.arange(batch, device=scores.device).repeat_interleave(top_k + 1)
-        losses = evaluate_rows(loss_fn, rows, index).reshape(batch, top_k + 1)
+        losses = evaluate_rows(loss_fn, rows, index, dist.categories(rows)).reshape(batch, top_k + 1)
         top_losses, sampled_loss = losses[:, :top_k], losses[:, top_k]
         top_probs = split.top_log_probs.exp()
         rest_mass = split.complement_log_mass.exp()

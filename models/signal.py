@@ -20,12 +20,11 @@ the ``C`` candidates.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from lvzoo.estimators.base import LossFn
 
 
 class Sender(nn.Module):
@@ -53,7 +52,12 @@ class Sender(nn.Module):
 
 
 class Receiver(nn.Module):
-    """Embeds candidates once per batch, then scores candidates against message rows."""
+    """Embeds candidates once per batch, then scores candidates against messages without copying candidates.
+
+    Two formulations with the same values and gradients: :meth:`all_symbol_logits` scores every symbol against
+    every candidate once per batch (``[B, V, C]``, for one-hot rows, which then only gather), and
+    :meth:`row_logits` scores arbitrary (relaxed or straight-through) rows with one grouped product.
+    """
 
     def __init__(self, feature_dim: int, vocab_size: int, embedding_size: int) -> None:
         super().__init__()
@@ -65,16 +69,97 @@ class Receiver(nn.Module):
         embedded: Tensor = self.image_embedding(candidates)
         return embedded
 
-    def candidate_log_probs(self, candidate_embeddings: Tensor, z_rows: Tensor, example_index: Tensor) -> Tensor:
-        """``log p(c | candidates of example_index[r], z_rows[r])``, ``[R, C]``.
+    def all_symbol_logits(self, candidate_embeddings: Tensor) -> Tensor:
+        """``<u_bc, M_v>`` for every example, symbol and candidate: ``[B, V, C]`` from embeddings ``[B, C, E]``."""
+        weight = self.symbol_embedding.weight.to(candidate_embeddings.dtype)  # [V, E]
+        return torch.matmul(weight, candidate_embeddings.transpose(1, 2))
 
-        ``candidate_embeddings [B, C, E]``, ``z_rows [R, V]`` (one-hot or relaxed), ``example_index [R]``: each
-        row only looks up its own example's ``C`` candidate embeddings.
+    def row_logits(self, candidate_embeddings: Tensor, z_rows: Tensor, example_index: Tensor) -> Tensor:
+        """Candidate logits ``[R, C]`` of message rows ``z_rows [R, V]`` (any values) of ``example_index [R]``.
+
+        The rows' messages ``z @ M`` are placed in per-example slots ``[B, S, E]`` (S = most rows of one example)
+        and scored with one batched product against ``[B, C, E]``: no row ever copies its candidates. Reading
+        ``S`` is one host synchronisation.
         """
+        batch = candidate_embeddings.shape[0]
         message = z_rows.to(self.symbol_embedding.weight.dtype) @ self.symbol_embedding.weight  # [R, E]
-        rows_candidates = candidate_embeddings.index_select(0, example_index)  # [R, C, E]
-        logits = torch.bmm(rows_candidates, message.unsqueeze(-1)).squeeze(-1)  # [R, C]
-        return F.log_softmax(logits, dim=-1)
+        message = message.to(candidate_embeddings.dtype)
+        rows = example_index.shape[0]
+        counts = torch.zeros(batch, dtype=torch.long, device=example_index.device)
+        counts.index_add_(0, example_index, torch.ones_like(example_index))
+        first = torch.cumsum(counts, 0) - counts  # [B] where each example's rows start once sorted
+        sorted_index, order = torch.sort(example_index, stable=True)
+        slot = torch.empty_like(example_index)
+        slot[order] = torch.arange(rows, device=example_index.device) - first[sorted_index]
+        slots = int(counts.max()) if rows else 0
+        padded = message.new_zeros(batch, slots, message.shape[1]).index_put((example_index, slot), message)
+        logits = torch.bmm(padded, candidate_embeddings.transpose(1, 2))  # [B, S, C]
+        return logits[example_index, slot]
+
+
+#: The training losses a task can choose, and every kind :class:`GameLoss` computes.
+TrainingLoss = Literal["nll", "zero_one"]
+GameLossKind = Literal[TrainingLoss, "greedy_error"]
+TRAINING_LOSSES: tuple[TrainingLoss, ...] = ("nll", "zero_one")
+
+
+class GameLoss:
+    """The row loss of one batch of games: a :class:`~lvzoo.estimators.base.LossFn` with ``of_categories``.
+
+    ``kind``:
+
+    - ``"nll"``: ``-log p(target | candidates, z)`` (the paper's default loss);
+    - ``"zero_one"``: the paper's 0/1 loss: the receiver *samples* its guess ``c ~ p(. | candidates, z)`` (global
+      RNG) and the row's value is ``1[c != target]``; the receiver learns by the score function, its gradient is
+      ``(1[c != target] - b) grad log p(c | ...)`` with the baseline ``b = 1 - p(target | ...)`` (the expected 0/1
+      loss given this message, detached: unbiased). The sender's estimator sees the 0/1 values, so with SFE
+      the two log-probabilities share one score-function term, as in the paper's SFE (0/1) rows;
+    - ``"greedy_error"``: ``1[argmax_c p(c | ...) != target]`` without gradient (exact expected success).
+
+    Rows are scored with :meth:`Receiver.row_logits` (any rows) or, for one-hot rows, gathered from
+    :meth:`Receiver.all_symbol_logits`, computed once per batch; both give the same values and gradients.
+    """
+
+    def __init__(
+        self, receiver: Receiver, candidate_embeddings: Tensor, target: Tensor, kind: GameLossKind = "nll"
+    ) -> None:
+        self.receiver = receiver
+        self.candidate_embeddings = candidate_embeddings
+        self.target = target
+        self.kind = kind
+        self._all_log_probs: Tensor | None = None
+
+    def all_log_probs(self) -> Tensor:
+        """``log p(c | candidates_b, symbol v)``, ``[B, V, C]`` (computed on first use, then reused)."""
+        if self._all_log_probs is None:
+            logits = self.receiver.all_symbol_logits(self.candidate_embeddings)
+            self._all_log_probs = F.log_softmax(logits, dim=-1)
+        return self._all_log_probs
+
+    def category_log_probs(self, categories: Tensor, example_index: Tensor) -> Tensor:
+        """Candidate log-probabilities ``[R, C]`` of the one-hot messages ``categories [R]`` of ``example_index``."""
+        return self.all_log_probs()[example_index, categories]
+
+    def __call__(self, z_rows: Tensor, example_index: Tensor) -> Tensor:
+        """Row losses ``[R]`` of message rows ``z_rows [R, V]`` (one-hot or relaxed)."""
+        logits = self.receiver.row_logits(self.candidate_embeddings, z_rows, example_index)
+        return self._losses(F.log_softmax(logits, dim=-1), example_index)
+
+    def of_categories(self, categories: Tensor, example_index: Tensor) -> Tensor:
+        """Row losses ``[R]`` of the constant one-hot rows of ``categories [R]`` (gathered, no row products)."""
+        return self._losses(self.category_log_probs(categories, example_index), example_index)
+
+    def _losses(self, log_probs: Tensor, example_index: Tensor) -> Tensor:
+        target = self.target.index_select(0, example_index).unsqueeze(1)  # [R, 1]
+        if self.kind == "nll":
+            return -log_probs.gather(1, target).squeeze(1)
+        if self.kind == "greedy_error":
+            return (log_probs.argmax(-1, keepdim=True) != target).squeeze(1).to(log_probs.dtype)
+        guess = torch.multinomial(log_probs.detach().exp(), 1)  # [R, 1]
+        wrong = (guess != target).squeeze(1).to(log_probs.dtype)
+        guess_log_prob = log_probs.gather(1, guess).squeeze(1)
+        baseline = 1.0 - log_probs.detach().gather(1, target).squeeze(1).exp()
+        return wrong + (wrong - baseline) * (guess_log_prob - guess_log_prob.detach())
 
 
 class SignalGameModel(nn.Module):
@@ -98,24 +183,14 @@ class SignalGameModel(nn.Module):
         scores: Tensor = self.sender(target_features)
         return scores
 
-    def game_loss(self, candidate_embeddings: Tensor, target: Tensor) -> LossFn:
-        """The estimator's loss ``(z_rows [R, V], example_index [R]) -> -log p(target | candidates, z) [R]``.
+    def game_loss(self, candidate_embeddings: Tensor, target: Tensor, kind: GameLossKind = "nll") -> GameLoss:
+        """The estimator's loss for one batch (see :class:`GameLoss`); ``candidate_embeddings [B, C, E]`` come from
+        :meth:`Receiver.embed_candidates` (once per batch), ``target [B]`` holds the target positions."""
+        return GameLoss(self.receiver, candidate_embeddings, target, kind)
 
-        ``candidate_embeddings [B, C, E]`` come from :meth:`Receiver.embed_candidates` (once per batch);
-        ``target [B]`` holds the target positions.
-        """
-
-        def loss_fn(z_rows: Tensor, example_index: Tensor) -> Tensor:
-            log_probs = self.receiver.candidate_log_probs(candidate_embeddings, z_rows, example_index)
-            return -log_probs.gather(1, target.index_select(0, example_index).unsqueeze(1)).squeeze(1)
-
-        return loss_fn
-
-    def greedy_success(self, scores: Tensor, candidate_embeddings: Tensor, target: Tensor) -> Tensor:
-        """Float ``[B]``: 1 where the receiver's argmax, given the sender's argmax symbol, is the target."""
-        batch = scores.shape[0]
-        symbols = torch.eye(self.vocab_size, dtype=candidate_embeddings.dtype, device=scores.device)
-        message = symbols[scores.argmax(-1)]  # [B, V] one-hot (indexing, unlike F.one_hot, needs no host sync)
-        index = torch.arange(batch, device=scores.device)
-        guess = self.receiver.candidate_log_probs(candidate_embeddings, message, index).argmax(-1)
-        return (guess == target).to(candidate_embeddings.dtype)
+    def greedy_success(self, scores: Tensor, game_loss: GameLoss) -> Tensor:
+        """Float ``[B]``: 1 where the receiver's argmax, given the sender's argmax symbol of ``scores [B, V]``,
+        is the target of ``game_loss``'s games."""
+        index = torch.arange(scores.shape[0], device=scores.device)
+        guess = game_loss.category_log_probs(scores.argmax(-1), index).argmax(-1)
+        return (guess == game_loss.target).to(scores.dtype)

@@ -49,6 +49,7 @@ from lvzoo.runners.config import (
     resolve_task_config,
     split_overrides,
 )
+from lvzoo.runners.plots import SUPPORT_STATISTICS, plot_decoder_calls
 from lvzoo.runners.tracking import MlflowTracker, Tracker, default_tracking_uri
 from lvzoo.tasks.base import Task, TaskConfig
 
@@ -442,11 +443,13 @@ def _epoch_metrics(
     means: Mapping[str, Tensor], support: Tensor, logs: Mapping[str, Tensor], decoder_calls: int
 ) -> tuple[dict[str, float], int]:
     """Host-side epoch metrics with a single device->host transfer; returns (metrics, new cumulative calls)."""
-    names = [f"train_{key}" for key in means] + ["support_mean", "support_median", "decoder_calls_epoch"]
+    names = [f"train_{key}" for key in means] + ["support_mean", "decoder_calls_epoch"]
+    names += ["support_p10", "support_median", "support_p90"]
     names += [f"estimator_{key}" for key in logs]
     support_f = support.double()
     values = [value.double().mean() for value in means.values()]
-    values += [support_f.mean(), torch.quantile(support_f, 0.5), support_f.sum()]
+    values += [support_f.mean(), support_f.sum()]
+    values += list(torch.quantile(support_f, support_f.new_tensor([0.1, 0.5, 0.9])))
     values += [value.double().mean() for value in logs.values()]
     host = torch.stack(values).cpu().tolist()
     metrics = dict(zip(names, host))
@@ -495,23 +498,6 @@ def _config_json(plan: _Plan) -> dict[str, Any]:
         "task_config": {k: plain(v) for k, v in config_to_dict(plan.task_config).items()},
         "estimator_config": {k: plain(v) for k, v in config_to_dict(plan.estimator_config).items()},
     }
-
-
-def plot_decoder_calls(calls_per_epoch: list[float], path: Path) -> Path:
-    """PNG bar chart of decoder calls per epoch (matplotlib Agg, no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.bar(range(1, len(calls_per_epoch) + 1), calls_per_epoch)
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("decoder calls")
-    axes.set_title("Decoder calls per epoch")
-    figure.tight_layout()
-    figure.savefig(path)
-    return path
 
 
 def train(
@@ -609,7 +595,7 @@ def _run(
     start_epoch = int(state["completed_epochs"]) if state else 0
     global_step = int(state["global_step"]) if state else 0
     decoder_calls = int(state["decoder_calls"]) if state else 0
-    calls_per_epoch: list[float] = list(state["calls_per_epoch"]) if state else []
+    calls_per_epoch: list[dict[str, float]] = list(state.get("support_per_epoch", [])) if state else []
     val_metrics: dict[str, float] = dict(state["val_metrics"]) if state else {}
     logs = _EstimatorLogs()
     hook = components.estimator.register_forward_hook(logs)
@@ -635,12 +621,12 @@ def _run(
                 val_metrics = _evaluate(components, "val", final=False)
                 metrics.update({f"val_{key}": value for key, value in val_metrics.items()})
                 metrics["val_time_s"] = time.perf_counter() - started
-                calls_per_epoch.append(metrics["decoder_calls_epoch"])
+                calls_per_epoch.append({key: metrics[key] for key in SUPPORT_STATISTICS})
                 position = {
                     "completed_epochs": epoch + 1,
                     "global_step": global_step,
                     "decoder_calls": decoder_calls,
-                    "calls_per_epoch": list(calls_per_epoch),
+                    "support_per_epoch": list(calls_per_epoch),
                     "val_metrics": dict(val_metrics),
                     "epoch_metrics": dict(metrics),
                     "run_dir": str(run_dir),
@@ -692,7 +678,7 @@ def _log_artifacts(
     tracker: Tracker,
     run_dir: Path,
     checkpoint_path: Path,
-    calls_per_epoch: list[float],
+    calls_per_epoch: list[dict[str, float]],
 ) -> None:
     artifact_dir = run_dir / "artifacts"
     artifact_dir.mkdir(parents=True, exist_ok=True)

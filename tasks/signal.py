@@ -30,9 +30,16 @@ from torch import Tensor, nn
 from lvzoo.estimators.base import Estimator, MarginalizingEstimator, marginalize
 from lvzoo.estimators.spaces import Categorical, LatentSpace
 from lvzoo.estimators.validators import int_at_least, number_in
-from lvzoo.models.signal import SignalGameModel
+from lvzoo.models.signal import TRAINING_LOSSES, GameLoss, SignalGameModel, TrainingLoss
 from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
-from lvzoo.tasks.signal_data import MNIST_FASHION, ConceptImages, Games, draw_games, load_concept_images
+from lvzoo.tasks.signal_data import (
+    MNIST_FASHION_RELU,
+    OFFLINE_SOURCES,
+    ConceptImages,
+    Games,
+    draw_games,
+    load_concept_images,
+)
 
 #: Validation games (fixed seed, train images) and test games (fixed seed, test images), as in the paper's code.
 VAL_GAMES = 1024
@@ -57,16 +64,22 @@ GUMBEL_SCHEDULE: dict[str, Any] = {"decay_rate": 1e-5, "update_every": 1000}
 def _feature_source(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(
-            f"{attribute.name} must be {MNIST_FASHION!r} or a path to a feature directory "
+            f"{attribute.name} must be one of {', '.join(OFFLINE_SOURCES)} or a path to a feature directory "
             f"(train/ and test/ with the h5 + pickle files), got {value!r}"
         )
 
 
 @attrs.frozen
 class SignalGameConfig(TaskConfig):
-    """Game and architecture sizes (paper defaults); ``features`` is ``"mnist-fashion"`` or a feature directory."""
+    """Game and architecture sizes (paper defaults).
 
-    features: str = attrs.field(default=MNIST_FASHION, validator=_feature_source)
+    ``features``: ``"mnist-fashion-relu"`` (default), ``"mnist-fashion"`` (L2-normalised pixels) or a directory of
+    the paper's feature files (:mod:`lvzoo.tasks.signal_data`); ``loss``: ``"nll"`` or the paper's ``"zero_one"``
+    (:class:`~lvzoo.models.signal.GameLoss`).
+    """
+
+    features: str = attrs.field(default=MNIST_FASHION_RELU, validator=_feature_source)
+    loss: TrainingLoss = attrs.field(default="nll", validator=attrs.validators.in_(TRAINING_LOSSES))
     num_candidates: int = attrs.field(default=16, validator=int_at_least(2))
     vocab_size: int = attrs.field(default=256, validator=int_at_least(2))
     hidden_size: int = attrs.field(default=512, validator=int_at_least(1))
@@ -105,8 +118,15 @@ class SignalGameTask(Task[SignalGameConfig]):
 
     config_class: ClassVar[type[TaskConfig]] = SignalGameConfig
     default_epochs: ClassVar[int] = 500
-    paper_estimators = ("sfe", "sfe+", "nvil", "gumbel", "stgumbel", "softmax", "sparsemax")
+    paper_estimators = ("sfe", "nvil", "gumbel", "stgumbel", "softmax", "sparsemax")
     paper_seeds = tuple(range(322, 332))
+
+    def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The paper's 0/1-loss rows: SFE (0/1) with its entropy coefficient 0.01, and SFE+ (0/1)."""
+        return {
+            "sfe-01": ("sfe", {"loss": "zero_one", "entropy_coef": 0.01}),
+            "sfe+-01": ("sfe+", {"loss": "zero_one"}),
+        }
 
     def __init__(
         self, config: SignalGameConfig, estimator_name: str, data_dir: Path | None, device: torch.device
@@ -187,17 +207,21 @@ class SignalGameTask(Task[SignalGameConfig]):
             chunk = games.slice(start, start + batch_size)
             yield GameBatch(candidates=images.lookup(chunk.candidates), target=chunk.target)
 
+    def _game_loss(self, model: SignalGameModel, batch: GameBatch) -> GameLoss:
+        candidate_embeddings = model.receiver.embed_candidates(batch.candidates)
+        return model.game_loss(candidate_embeddings, batch.target, self.config.loss)
+
     def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: GameBatch) -> StepOutput:
         """Loss ``mean(surrogate) - entropy_coef * mean(entropy)``; metrics loss, success, support_mean, entropy."""
         assert isinstance(model, SignalGameModel)
         target_features = batch.target_features()
         scores = model(target_features)
-        candidate_embeddings = model.receiver.embed_candidates(batch.candidates)
-        result = estimator(scores, model.game_loss(candidate_embeddings, batch.target), target_features)
+        game_loss = self._game_loss(model, batch)
+        result = estimator(scores, game_loss, target_features)
         entropy = result.entropy.mean()
         loss = result.surrogate.mean() - self._entropy_coef() * entropy
         with torch.no_grad():
-            success = model.greedy_success(scores, candidate_embeddings, batch.target).mean()
+            success = model.greedy_success(scores, game_loss).mean()
         metrics = {
             "loss": result.objective.mean(),
             "success": success,
@@ -236,19 +260,15 @@ class SignalGameTask(Task[SignalGameConfig]):
         """Per-game ``[B]`` metrics; ``expected_success`` is exact under a marginalizing estimator's distribution."""
         target_features = batch.target_features()
         scores = model(target_features)
-        candidate_embeddings = model.receiver.embed_candidates(batch.candidates)
-        result = estimator(scores, model.game_loss(candidate_embeddings, batch.target), target_features)
+        game_loss = self._game_loss(model, batch)
+        result = estimator(scores, game_loss, target_features)
         values = {
             "loss": result.objective,
-            "success": model.greedy_success(scores, candidate_embeddings, batch.target),
+            "success": model.greedy_success(scores, game_loss),
             "decoder_calls": result.support.float(),
             "entropy": result.entropy,
         }
         if isinstance(estimator, MarginalizingEstimator):
-
-            def error_fn(z_rows: Tensor, example_index: Tensor) -> Tensor:
-                log_probs = model.receiver.candidate_log_probs(candidate_embeddings, z_rows, example_index)
-                return (log_probs.argmax(-1) != batch.target.index_select(0, example_index)).to(log_probs.dtype)
-
-            values["expected_success"] = 1.0 - marginalize(estimator.distribution(scores), error_fn).objective
+            errors = model.game_loss(game_loss.candidate_embeddings, batch.target, "greedy_error")
+            values["expected_success"] = 1.0 - marginalize(estimator.distribution(scores), errors).objective
         return values

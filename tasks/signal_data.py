@@ -26,6 +26,8 @@ concept is uniform and the distractors come from ``num_candidates - 1`` distinct
 
 from __future__ import annotations
 
+import functools
+import math
 import pickle
 from pathlib import Path
 from typing import Literal
@@ -40,6 +42,11 @@ from lvzoo.tasks.data import load_images
 
 Split = Literal["train", "test"]
 MNIST_FASHION = "mnist-fashion"
+MNIST_FASHION_RELU = "mnist-fashion-relu"
+OFFLINE_SOURCES = (MNIST_FASHION_RELU, MNIST_FASHION)
+#: Width and seed of the fixed random ReLU feature map of the offline default (:func:`random_relu_features`).
+RELU_FEATURE_WIDTH = 4096
+RELU_FEATURE_SEED = 20200724
 FEATURES_FILE = "ours_images_single_sm0.h5"
 LABELS_FILE = "ours_images_single_sm0.objects"
 _MNIST_CLASSES = 10
@@ -125,6 +132,34 @@ def load_mnist_fashion(split: Split, data_dir: Path | None = None) -> ConceptIma
     return ConceptImages(features=features, concepts=concepts)
 
 
+def random_relu_features(pixels: Tensor, pixel_mean: Tensor, width: int = RELU_FEATURE_WIDTH) -> Tensor:
+    """Float16 features ``relu((pixels / 255 - pixel_mean) @ P)`` ``[N, width]`` of uint8 ``pixels [N, 784]``.
+
+    ``P [784, width]`` is a fixed Gaussian matrix drawn from ``RELU_FEATURE_SEED`` (the same on every machine and
+    run); ``pixel_mean [784]`` is the mean train image in ``[0, 1]``. Rows are L2-normalised on lookup.
+    """
+    generator = torch.Generator().manual_seed(RELU_FEATURE_SEED)
+    projection = torch.randn(pixels.shape[1], width, generator=generator) / math.sqrt(pixels.shape[1])
+    projection = projection.to(pixels.device)
+    chunks = [
+        torch.relu((chunk.to(torch.float32) / 255.0 - pixel_mean) @ projection).to(torch.float16)
+        for chunk in torch.split(pixels, 8192)
+    ]
+    return torch.cat(chunks)
+
+
+@functools.lru_cache(maxsize=2)
+def load_mnist_fashion_relu(split: Split, data_dir: Path | None = None) -> ConceptImages:
+    """MNIST + Fashion-MNIST ``split`` as 20 concepts with :func:`random_relu_features` (the offline default).
+
+    Memoised per (split, data_dir) within a process: the map costs about 10 s of CPU for the 120K train images.
+    """
+    train = load_mnist_fashion("train", data_dir)
+    images = train if split == "train" else load_mnist_fashion(split, data_dir)
+    pixel_mean = train.features.to(torch.float32).mean(0) / 255.0
+    return ConceptImages(features=random_relu_features(images.features, pixel_mean), concepts=images.concepts)
+
+
 def load_vgg_features(split_dir: Path) -> ConceptImages:
     """The paper's feature files in ``split_dir`` (see the module docstring): float32 ``[N, F]`` and concepts."""
     import h5py
@@ -158,6 +193,8 @@ def load_concept_images(source: str, split: Split, data_dir: Path | None = None)
     """The images of ``split`` from ``source``: ``"mnist-fashion"`` or a feature directory (module docstring)."""
     if source == MNIST_FASHION:
         return load_mnist_fashion(split, data_dir)
+    if source == MNIST_FASHION_RELU:
+        return load_mnist_fashion_relu(split, data_dir)
     root = Path(source).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(

@@ -59,3 +59,18 @@ def shared_or_random_root(
     root = tmp_path_factory.mktemp("data")
     write_random_datasets(root, sizes, seed)
     return root
+
+
+def write_learnable_dataset(root: Path, name: DatasetName, num_train: int, num_test: int, seed: int = 0) -> None:
+    """A learnable stand-in for ``name`` in ``root/<name>/raw``: ten class prototypes (random 7x7 grey patterns
+    upsampled to 28x28 blocks), each image its class's prototype plus Gaussian noise (sd 16 grey levels), labels
+    uniform in 0..9."""
+    rng = np.random.default_rng(seed)
+    prototypes = np.kron(rng.choice([0.0, 64.0, 255.0], size=(10, 7, 7), p=[0.5, 0.2, 0.3]), np.ones((1, 4, 4)))
+
+    def split(count: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 10, count)
+        images = np.clip(prototypes[labels] + rng.normal(0.0, 16.0, (count, 28, 28)), 0, 255).round()
+        return images, labels
+
+    write_dataset(root, name, split(num_train), split(num_test))

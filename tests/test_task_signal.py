@@ -29,6 +29,7 @@ from lvzoo.estimators.base import (
     MarginalizingEstimator,
     SparseDistribution,
     dense_to_sparse,
+    evaluate_rows,
 )
 from lvzoo.estimators.gumbel import GumbelConfig, GumbelSoftmax
 from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
@@ -41,11 +42,15 @@ from lvzoo.tasks.signal_data import (
     FEATURES_FILE,
     LABELS_FILE,
     MNIST_FASHION,
+    MNIST_FASHION_RELU,
+    RELU_FEATURE_WIDTH,
     draw_games,
     load_concept_images,
     load_vgg_features,
+    random_relu_features,
 )
 from tests.datasets import shared_data_root, write_dataset
+from tests.signal_reference import PerRowCopyLoss
 
 #: Single-threaded: these tensors are small, and on an oversubscribed machine one thread is much faster.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,6 +161,26 @@ def test_mnist_fashion_has_twenty_concepts(data_root: Path) -> None:
     torch.testing.assert_close(norms, torch.ones(5))
 
 
+def test_random_relu_features_are_fixed_non_negative_and_use_the_train_mean_only(data_root: Path) -> None:
+    train = load_concept_images(MNIST_FASHION_RELU, "train", data_root)
+    test = load_concept_images(MNIST_FASHION_RELU, "test", data_root)
+    assert train.features.shape == (2 * TRAIN_PER_DATASET, RELU_FEATURE_WIDTH)
+    assert test.features.shape == (2 * TEST_PER_DATASET, RELU_FEATURE_WIDTH) and train.features.dtype == torch.float16
+    assert bool((train.features >= 0).all()) and 0.3 < float((train.features == 0).float().mean()) < 0.7
+    assert torch.equal(train.concepts, load_concept_images(MNIST_FASHION, "train", data_root).concepts)
+    # The map is a fixed function of the pixels and the train mean: recomputing it gives the same features, and
+    # the test features do not depend on the test images' own mean.
+    pixels = load_concept_images(MNIST_FASHION, "test", data_root).features
+    train_mean = load_concept_images(MNIST_FASHION, "train", data_root).features.float().mean(0) / 255.0
+    torch.testing.assert_close(random_relu_features(pixels, train_mean), test.features)
+    assert not torch.equal(random_relu_features(pixels, pixels.float().mean(0) / 255.0), test.features)
+    # Discriminative: images of one concept are closer (cosine) than images of different concepts.
+    rows = train.lookup(torch.arange(0, 2 * TRAIN_PER_DATASET, 7))
+    same = train.concepts[::7, None] == train.concepts[None, ::7]
+    cosine = rows @ rows.T
+    assert float(cosine[same].mean()) > float(cosine[~same].mean()) + 0.05
+
+
 # ------------------------------------------------------------------------------------------------- games
 
 
@@ -237,22 +262,65 @@ def test_candidates_embedded_once_and_loss_called_once_on_support(data_root: Pat
     assert torch.equal(output.support, support)
 
 
-def test_loss_rows_match_naive_per_example_computation(data_root: Path) -> None:
+@pytest.mark.parametrize("rows", ["one-hot", "relaxed", "straight-through"])
+def test_lean_receiver_matches_per_row_candidate_copies(data_root: Path, rows: str) -> None:
+    # Values and gradients (model parameters and, for rows with a gradient, the rows) agree with the per-row-copy
+    # formulation, for both code paths: gathered one-hot rows (of_categories) and the grouped product.
     task = _task(data_root, batch_size=5)
     model, batch = _model(task).double(), _batch(task)
     candidates = batch.candidates.double()
     generator = torch.Generator().manual_seed(3)
-    example_index = torch.tensor([0, 0, 3, 1, 4, 4, 4, 2])
-    one_hot = torch.eye(task.config.vocab_size, dtype=torch.float64)[torch.randint(16, (4,), generator=generator)]
-    relaxed = torch.softmax(torch.randn(4, task.config.vocab_size, generator=generator, dtype=torch.float64), -1)
-    z_rows = torch.cat([one_hot, relaxed])
-    loss_fn = model.game_loss(model.receiver.embed_candidates(candidates), batch.target)
-    rows = loss_fn(z_rows, example_index)
-    for r, example in enumerate(example_index.tolist()):
-        embedded = candidates[example] @ model.receiver.image_embedding.weight.T  # [C, E]
-        message = z_rows[r] @ model.receiver.symbol_embedding.weight  # [E]
-        naive = -torch.log_softmax(embedded @ message, dim=0)[batch.target[example]]
-        torch.testing.assert_close(rows[r], naive)
+    example_index = torch.tensor([0, 0, 3, 1, 4, 4, 4, 2, 0])  # uneven, unsorted rows per example
+    categories = torch.randint(task.config.vocab_size, (9,), generator=generator)
+    one_hot = torch.eye(task.config.vocab_size, dtype=torch.float64)[categories]
+    relaxed = torch.softmax(torch.randn(9, task.config.vocab_size, generator=generator, dtype=torch.float64), -1)
+    if rows == "one-hot":
+        z_rows = one_hot
+    else:
+        relaxed.requires_grad_(True)
+        z_rows = relaxed if rows == "relaxed" else one_hot + (relaxed - relaxed.detach())
+    weights = torch.randn(9, generator=generator, dtype=torch.float64)
+
+    def gradients(loss: Tensor) -> list[Tensor]:
+        inputs = [*model.parameters(), *([relaxed] if relaxed.requires_grad else [])]
+        return list(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True, retain_graph=True))
+
+    naive_loss = PerRowCopyLoss(model.receiver, model.receiver.embed_candidates(candidates), batch.target)
+    naive = naive_loss(z_rows, example_index)
+    game_loss = model.game_loss(model.receiver.embed_candidates(candidates), batch.target)
+    lean = evaluate_rows(game_loss, z_rows, example_index, categories if rows != "relaxed" else None)
+    torch.testing.assert_close(lean, naive, rtol=1e-12, atol=1e-12)
+    for expected, actual in zip(gradients((naive * weights).sum()), gradients((lean * weights).sum()), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    if rows == "one-hot":  # the rows were gathered from all symbol logits: the grouped product was not used
+        assert game_loss._all_log_probs is not None
+    else:
+        assert game_loss._all_log_probs is None
+
+
+def test_zero_one_loss_samples_the_receiver_and_its_gradient_is_unbiased(data_root: Path) -> None:
+    # Each row's value is 1[sampled guess != target]; its gradient estimates grad (1 - p(target | z)) without bias.
+    task = _task(data_root, batch_size=3)
+    model, batch = _model(task).double(), _batch(task)
+    embedded = model.receiver.embed_candidates(batch.candidates.double())
+    draws = 20000
+    categories = torch.tensor([1, 5, 9]).repeat(draws)
+    example_index = torch.arange(3).repeat(draws)
+    torch.manual_seed(0)
+    losses = model.game_loss(embedded, batch.target, "zero_one").of_categories(categories, example_index)
+    assert set(losses.tolist()) <= {0.0, 1.0}
+    weight = model.receiver.symbol_embedding.weight
+    per_draw = torch.stack(
+        [torch.autograd.grad(row.sum(), weight, retain_graph=True)[0] for row in losses.view(draws, 3)[:2000]]
+    )  # [2000, V, E]: single-draw gradients, for the standard error
+    estimate = torch.autograd.grad(losses.sum() / draws, weight)[0]
+    log_probs = model.game_loss(embedded, batch.target).category_log_probs(categories[:3], example_index[:3])
+    expected_error = (1.0 - log_probs.gather(1, batch.target.unsqueeze(1)).exp()).sum()  # over the 3 games
+    exact = torch.autograd.grad(expected_error, weight)[0]
+    standard_error = per_draw.std(0) / math.sqrt(draws) + 1e-12
+    assert float(((estimate - exact).abs() / standard_error).max()) < 5.0
+    error_rate = losses.detach().view(draws, 3).mean(0).sum()
+    assert float(error_rate) == pytest.approx(float(expected_error), abs=0.03)
 
 
 def test_train_loss_is_mean_surrogate_minus_entropy_term(data_root: Path) -> None:
@@ -388,6 +456,6 @@ def test_registered_task_and_model(data_root: Path) -> None:
     assert registry.tasks.load("signal") is SignalGameTask
     assert registry.models.load("signal") is SignalGameModel
     task = _task(data_root)
-    assert task.latent_space() == Categorical(16) and task.encoder_input_dim() == 784
+    assert task.latent_space() == Categorical(16) and task.encoder_input_dim() == RELU_FEATURE_WIDTH == 4096
     assert SignalGameTask.default_epochs == 500
     assert attrs.fields(SignalGameConfig).num_candidates.default == 16
