@@ -6,6 +6,7 @@ Shapes: ``B`` examples, ``N`` latent width, ``R`` decoder rows of one step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import resource
 import time
@@ -77,10 +78,8 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif _PROC_CLEAR_REFS.exists():
-        try:
+        with contextlib.suppress(OSError):
             _PROC_CLEAR_REFS.write_text("5")  # resets VmHWM, the peak resident set size
-        except OSError:
-            pass
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -324,7 +323,9 @@ def step_clock(device: torch.device) -> Callable[[], float]:
     return time.process_time if device.type == "cpu" else time.perf_counter
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: Mapping[str, Callable[[], Any]], rounds: int, device: torch.device
+) -> dict[str, list[float]]:
     """Times in seconds (:func:`step_clock`) of ``rounds`` calls of each function, interleaved round by round (so a
     change of machine load affects all alike), after one untimed warm-up call each."""
     clock = step_clock(device)

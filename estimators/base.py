@@ -65,7 +65,7 @@ class EstimatorResult:
 C = TypeVar("C", bound=EstimatorConfig)
 
 
-class Estimator(nn.Module, Generic[C], abc.ABC):
+class Estimator(nn.Module, abc.ABC, Generic[C]):
     """Base class of all estimators (built-in and third-party).
 
     Subclasses set ``config_class`` (a frozen attrs class deriving from :class:`EstimatorConfig`) and
@@ -74,7 +74,7 @@ class Estimator(nn.Module, Generic[C], abc.ABC):
     """
 
     config_class: ClassVar[type[EstimatorConfig]] = EstimatorConfig
-    supported_spaces: ClassVar[tuple[type[Categorical] | type[BitVector], ...]] = (Categorical, BitVector)
+    supported_spaces: ClassVar[tuple[type[Categorical | BitVector], ...]] = (Categorical, BitVector)
 
     def __init__(self, space: LatentSpace, config: C | None = None, *, input_dim: int | None = None) -> None:
         super().__init__()

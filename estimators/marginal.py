@@ -63,7 +63,7 @@ class MarginalEstimator(MarginalizingEstimator[MC], abc.ABC):
     underflows to zero (the softmax baseline), otherwise only the nonzero rows are evaluated.
     """
 
-    supported_spaces: ClassVar[tuple[type[Categorical] | type[BitVector], ...]] = (Categorical,)
+    supported_spaces: ClassVar[tuple[type[Categorical | BitVector], ...]] = (Categorical,)
     dense: ClassVar[bool] = False
 
     @abc.abstractmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Union
 
 import attrs
 import torch
@@ -70,4 +69,4 @@ class BitVector:
         return rows
 
 
-LatentSpace = Union[Categorical, BitVector]
+LatentSpace = Categorical | BitVector

@@ -86,10 +86,10 @@ derivative of the piecewise-linear construction where the active set is locally 
 digits change under any perturbation) and elsewhere it is the active-set derivative, as in the paper's SparseMAP.
 
 **Host syncs.** None for the closed-form decompositions on an accelerator (they return ``D + 1`` slots, active
-first; :meth:`SparseMAP.distribution` then has the one inherent ``nonzero``). On CPU, where reading a tensor is free, the slots are trimmed to the
-largest support and the batched linear algebra runs only on the examples that need it. All solver and KKT
-arithmetic runs in float64; vertices and weights are returned in the scores' dtype. No random numbers are used; the
-result is deterministic.
+first; :meth:`SparseMAP.distribution` then has the one inherent ``nonzero``). On CPU, where reading a tensor is
+free, the slots are trimmed to the largest support and the batched linear algebra runs only on the examples that
+need it. All solver and KKT arithmetic runs in float64; vertices and weights are returned in the scores' dtype. No
+random numbers are used; the result is deterministic.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def _path_kkt_direction(crossings: _Crossings, grad_weights: Tensor) -> Tensor:
     zero on each segment between such runs, and ``-y_last = (g_k - g_{k-1}) / 2`` for a nonzero final fraction.
     """
     entered, fractional, path = crossings
-    batch, dim = fractional.shape
+    _batch, dim = fractional.shape
     half_steps = torch.cat([torch.zeros_like(grad_weights[:, :1]), grad_weights.diff(dim=-1) / 2], dim=-1)
     step_at = half_steps.gather(1, entered.clamp(0, grad_weights.shape[1] - 1)) * (entered >= 0)  # [B, D + 1]
     starts = fractional & (entered[:, :-1] < 0)
@@ -259,7 +259,8 @@ def _path_kkt_direction(crossings: _Crossings, grad_weights: Tensor) -> Tensor:
     anchored_offset = -step_at[:, -1:] - relative.gather(1, last_bit)
     last_segment = segment[:, -1:]
     anchored = (entered[:, -1:] >= 0) & fractional.any(-1, keepdim=True)
-    offsets = torch.where(anchored & (torch.arange(dim + 1, device=segment.device) == last_segment), anchored_offset, offsets)
+    at_last_segment = torch.arange(dim + 1, device=segment.device) == last_segment
+    offsets = torch.where(anchored & at_last_segment, anchored_offset, offsets)
     return (relative + offsets.gather(1, segment)) * fractional * path.unsqueeze(-1)
 
 

@@ -40,7 +40,6 @@ from lvzoo.estimators.base import EstimatorConfig, MarginalizingEstimator, Spars
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 from lvzoo.estimators.validators import positive_int
 
-
 #: With a budget, shapes are enumerated while ``k`` has at most this many partitions of ``0..k-1`` (``k <= 22``);
 #: larger ``k`` use the hole dynamic program.
 MAX_SHAPES = 4096
@@ -242,7 +241,7 @@ def kbest_bitvectors(t: Tensor, k: int, budget: int | None = None) -> tuple[Tens
     <z, t>`` in decreasing order (differentiable in ``t`` with ``z`` fixed). Refuses ``k`` larger than the number
     of feasible vectors. See the module docstring for the algorithms and tie-breaking.
     """
-    batch, dim = t.shape
+    _batch, dim = t.shape
     check_k(k, dim, budget)
     with torch.no_grad():
         if budget is None or budget >= dim:
@@ -253,6 +252,8 @@ def kbest_bitvectors(t: Tensor, k: int, budget: int | None = None) -> tuple[Tens
             bits = _kbest_budgeted(t, k, budget)
     z = bits.to(t.dtype)
     return z, (z * t.unsqueeze(1)).sum(-1)
+
+
 def topk_sparsemax(t: Tensor, k: int, budget: int | None = None) -> tuple[Tensor, Tensor]:
     """``sparsemax`` over the k best bit vectors of ``t [B, D]``: ``z [B, k, D]`` and ``q [B, k]`` (rows sum to 1)."""
     z, scores = kbest_bitvectors(t, k, budget)
@@ -275,7 +276,7 @@ class TopKSparsemax(MarginalizingEstimator[TopKSparsemaxConfig]):
     """
 
     config_class = TopKSparsemaxConfig
-    supported_spaces: ClassVar[tuple[type[Categorical] | type[BitVector], ...]] = (BitVector,)
+    supported_spaces: ClassVar[tuple[type[Categorical | BitVector], ...]] = (BitVector,)
 
     def __init__(
         self, space: LatentSpace, config: TopKSparsemaxConfig | None = None, *, input_dim: int | None = None

@@ -1,4 +1,5 @@
-"""The bit-vector VAE of Correia et al. (2020; ``../shared/PAPER_SETUP.md`` Sec. 3.3) on 28x28 images with 256 grey levels.
+"""The bit-vector VAE of Correia et al. (2020; ``../shared/PAPER_SETUP.md`` Sec. 3.3) on 28x28 images with 256 grey
+levels.
 
 Encoder: pixels/255 ``[B, 784]`` -> 128 (ReLU) -> ``D`` scores ``t``. Decoder: bits ``[R, D]`` -> 128 (ReLU) ->
 ``784 * rank`` pixel features ``h`` -> a Linear(rank -> 256) shared by all pixels, i.e. an independent 256-way

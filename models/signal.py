@@ -7,9 +7,10 @@ Sender (sees the target only): ``e = W1 x`` (``F -> E``, no bias); then the "inf
 (a 1x1 convolution with ``H`` filters, sigmoid, an ``(H, 1)`` convolution back to one channel, sigmoid). For a
 single image that stack acts on each of the ``E`` embedding coordinates separately with the same weights, so it
 is exactly a shared per-coordinate network ``g(e_j) = sigmoid(sum_k v_k sigmoid(w_k e_j))`` with ``H`` hidden
-units and no biases, implemented here as such (``[B, E, H]`` intermediates); then ``scores = W4 g(e) / tau_s``
-(``E -> V``, no bias, sender temperature ``tau_s``). The code applies a log-softmax afterwards; it is omitted
-because every estimator normalizes the scores itself and softmax/sparsemax are shift-invariant.
+units and no biases, implemented here as such (a fused autograd function that stores no ``[B, E, H]`` tensor);
+then ``scores = W4 g(e) / tau_s`` (``E -> V``, no bias, sender temperature ``tau_s``). The code applies a
+log-softmax afterwards; it is omitted because every estimator normalizes the scores itself and softmax/sparsemax
+are shift-invariant.
 
 Receiver: ``u_c = W x_c`` for every candidate (``F -> E``, no bias, computed once per batch) and a symbol
 embedding ``M [V, E]`` (``N(0, 1)`` initialised like the code's ``nn.Embedding``); a message row ``z [V]``
@@ -20,11 +21,40 @@ the ``C`` candidates.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class _CoordinateNetwork(torch.autograd.Function):
+    """``g(e) = sigmoid(sum_k v_k sigmoid(w_k e))`` for every entry of ``e [B, E]``, with ``w, v [H]``.
+
+    Autograd would keep four ``[B, E, H]`` intermediates and pass over them about ten times; this forward keeps only
+    ``e`` and ``g``, and the backward recomputes ``s = sigmoid(w e)`` once and reads it with three matrix-vector
+    products. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, embedded: Tensor, hidden_weight: Tensor, mix_weight: Tensor) -> Tensor:
+        hidden = torch.sigmoid_(torch.outer(embedded.reshape(-1), hidden_weight))  # [B*E, H]
+        mixed = torch.sigmoid_(hidden @ mix_weight).view_as(embedded)
+        ctx.save_for_backward(embedded, hidden_weight, mix_weight, mixed)
+        return mixed
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_mixed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        embedded, hidden_weight, mix_weight, mixed = ctx.saved_tensors
+        flat = embedded.reshape(-1)
+        grad_pre = (grad_mixed * mixed * (1.0 - mixed)).reshape(-1)  # d loss / d (sum_k v_k s_k), [B*E]
+        hidden = torch.sigmoid_(torch.outer(flat, hidden_weight))  # s, [B*E, H]
+        grad_mix = hidden.T @ grad_pre
+        slope = hidden.addcmul_(hidden, hidden, value=-1.0)  # s (1 - s), in place
+        grad_embedded = (slope @ (mix_weight * hidden_weight)) * grad_pre
+        grad_hidden = mix_weight * (slope.T @ (grad_pre * flat))
+        return grad_embedded.view_as(embedded), grad_hidden, grad_mix
 
 
 class Sender(nn.Module):
@@ -45,8 +75,7 @@ class Sender(nn.Module):
     def forward(self, target_features: Tensor) -> Tensor:
         """Scores ``[B, V]`` of the target features ``[B, F]``."""
         embedded = self.image_embedding(target_features)  # [B, E]
-        hidden = torch.sigmoid(embedded.unsqueeze(-1) * self.hidden_weight)  # [B, E, H]
-        mixed = torch.sigmoid(hidden @ self.mix_weight)  # [B, E]
+        mixed: Tensor = _CoordinateNetwork.apply(embedded, self.hidden_weight, self.mix_weight)  # [B, E]
         scores: Tensor = self.vocab_projection(mixed) / self.temperature
         return scores
 

@@ -169,7 +169,10 @@ def list_plugins() -> None:
         lines.extend(_config_lines(estimator_cls.config_class))
     if not estimators:
         lines.append("  (none importable)")
-    failures = {**{f"task {k}": v for k, v in task_failures.items()}, **{f"estimator {k}": v for k, v in estimator_failures.items()}}
+    failures = {
+        **{f"task {k}": v for k, v in task_failures.items()},
+        **{f"estimator {k}": v for k, v in estimator_failures.items()},
+    }
     if failures:
         lines.append("Plugins that failed to import:")
         lines.extend(f"  {what}: {one_line(cause)}" for what, cause in failures.items())

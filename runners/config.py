@@ -92,7 +92,7 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
             return tuple(parse_value(item, args[0], key) for item in items)
         if len(items) != len(args):
             raise ConfigError(f"bad value for {key}: {text!r} needs {len(args)} comma-separated items")
-        return tuple(parse_value(item, member, key) for item, member in zip(items, args))
+        return tuple(parse_value(item, member, key) for item, member in zip(items, args, strict=True))
     if annotation is bool:
         lowered = text.strip().lower()
         if lowered in _TRUE:

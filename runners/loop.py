@@ -330,7 +330,9 @@ def _find_checkpoint(
     try:
         tags = tracker.run_tags(str(resume))
     except Exception as exc:
-        raise ConfigError(f"cannot resume {str(resume)!r}: not a run dir and not a run id ({one_line(str(exc))})") from None
+        raise ConfigError(
+            f"cannot resume {str(resume)!r}: not a run dir and not a run id ({one_line(str(exc))})"
+        ) from None
     if RUN_DIR_TAG not in tags:
         raise ConfigError(f"run {str(resume)!r} has no {RUN_DIR_TAG} tag; pass its run dir to resume")
     path = Path(tags[RUN_DIR_TAG]) / ckpt.CHECKPOINT_NAME
@@ -452,8 +454,8 @@ def _epoch_metrics(
     values += list(torch.quantile(support_f, support_f.new_tensor([0.1, 0.5, 0.9])))
     values += [value.double().mean() for value in logs.values()]
     host = torch.stack(values).cpu().tolist()
-    metrics = dict(zip(names, host))
-    decoder_calls += int(round(metrics["decoder_calls_epoch"]))
+    metrics = dict(zip(names, host, strict=True))
+    decoder_calls += round(metrics["decoder_calls_epoch"])
     metrics["decoder_calls"] = float(decoder_calls)
     return metrics, decoder_calls
 
@@ -463,7 +465,11 @@ def _checkpoint_state(
 ) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
-        "task": {"name": plan.task_name, "class": class_path(plan.task_cls), "config": config_to_dict(plan.task_config)},
+        "task": {
+            "name": plan.task_name,
+            "class": class_path(plan.task_cls),
+            "config": config_to_dict(plan.task_config),
+        },
         "estimator": {
             "name": plan.estimator_name,
             "class": class_path(plan.estimator_cls),

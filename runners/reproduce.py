@@ -586,10 +586,7 @@ def _rows(budget: Budget, records: Sequence[RunRecord]) -> tuple[Row, ...]:
                 for key, value in record.metrics.items():
                     cells.setdefault(key, []).append(value)
                 continue
-            if record is None:
-                reason = "no run"
-            else:
-                reason = record.error or f"run {record.status}"
+            reason = "no run" if record is None else record.error or f"run {record.status}"
             errors.setdefault(reason, []).append(seed)
         rows.append(
             Row(
@@ -628,7 +625,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def _duration(seconds: float) -> str:
-    whole = int(round(seconds))
+    whole = round(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

@@ -119,7 +119,8 @@ def log_mean_exp(values: Tensor, dim: int) -> Tensor:
 
 
 def bernoulli_log_prob(scores: Tensor, z: Tensor) -> Tensor:
-    """``log q(z)`` under independent ``Bernoulli(sigmoid(scores))``; ``scores [..., D]``, ``z [..., D]`` -> ``[...]``."""
+    """``log q(z)`` under independent ``Bernoulli(sigmoid(scores))``; ``scores [..., D]``, ``z [..., D]`` ->
+    ``[...]``."""
     return (z * F.logsigmoid(scores) + (1 - z) * F.logsigmoid(-scores)).sum(-1)
 
 
@@ -158,7 +159,8 @@ def bernoulli_importance_samples(
 
 
 def pad_by_example(values: Tensor, example_index: Tensor, num_examples: int, fill: float) -> tuple[Tensor, Tensor]:
-    """Ragged rows ``values [R, ...]`` grouped by non-decreasing ``example_index [R]`` -> ``([B, K, ...], valid [B, K])``.
+    """Ragged rows ``values [R, ...]`` grouped by non-decreasing ``example_index [R]`` ->
+    ``([B, K, ...], valid [B, K])``.
 
     ``K`` is the largest group; missing entries hold ``fill``.
     """
@@ -251,7 +253,7 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for module, flag in zip(modules, flags):
+        for module, flag in zip(modules, flags, strict=True):
             module.train(flag)
 
 
@@ -395,7 +397,7 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
             ]
         ).tolist()
         names = ["neg_elbo", "rate", "distortion", "nll", "bits_per_dim", "decoder_calls", "decoder_calls_median"]
-        return dict(zip(names, summary))
+        return dict(zip(names, summary, strict=True))
 
     def _evaluate_batch(
         self,

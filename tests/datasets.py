@@ -44,7 +44,9 @@ def write_random_datasets(root: Path, sizes: Mapping[DatasetName, tuple[int, int
     dataset, drawn in order from one generator seeded with ``seed``."""
     rng = np.random.default_rng(seed)
     for name, (num_train, num_test) in sizes.items():
-        splits = [(rng.integers(0, 256, (count, 28, 28)), rng.integers(0, 10, count)) for count in (num_train, num_test)]
+        splits = [
+            (rng.integers(0, 256, (count, 28, 28)), rng.integers(0, 10, count)) for count in (num_train, num_test)
+        ]
         write_dataset(root, name, splits[0], splits[1])
 
 

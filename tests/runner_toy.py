@@ -8,6 +8,7 @@ the runner restores the RNG states.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
@@ -49,7 +50,7 @@ class ToyModel(nn.Module):
         super().__init__()
         widths = [FEATURES, *hidden]
         layers: list[nn.Module] = []
-        for width_in, width_out in zip(widths[:-1], widths[1:]):
+        for width_in, width_out in itertools.pairwise(widths):
             layers += [nn.Linear(width_in, width_out), nn.Tanh()]
         self.encoder = nn.Sequential(*layers, nn.Linear(widths[-1], NUM_CODES))
         self.decoder = nn.Linear(NUM_CODES, FEATURES)
@@ -171,7 +172,9 @@ class TemperedSoftmax(Estimator[TemperedSoftmaxConfig]):
     config_class = TemperedSoftmaxConfig
     supported_spaces = (Categorical,)
 
-    def __init__(self, space: LatentSpace, config: TemperedSoftmaxConfig | None = None, *, input_dim: int | None = None):
+    def __init__(
+        self, space: LatentSpace, config: TemperedSoftmaxConfig | None = None, *, input_dim: int | None = None
+    ):
         super().__init__(space, config, input_dim=input_dim)
         self.calls: Tensor
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))

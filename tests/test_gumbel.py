@@ -156,13 +156,13 @@ def test_state_dict_round_trip_restores_the_temperature() -> None:
 
 
 def test_config_errors_name_the_bad_value() -> None:
-    with pytest.raises(ValueError, match="tau0 must be a number > 0, got -1.0"):
+    with pytest.raises(ValueError, match=r"tau0 must be a number > 0, got -1\.0"):
         GumbelConfig(tau0=-1.0)
     with pytest.raises(ValueError, match="tau_min must be a number > 0, got 0"):
         GumbelConfig(tau_min=0)
     with pytest.raises(ValueError, match=r"tau_min must be <= tau0=1.0, got 2.0"):
         GumbelConfig(tau_min=2.0)
-    with pytest.raises(ValueError, match="decay_rate must be a number >= 0, got -0.5"):
+    with pytest.raises(ValueError, match=r"decay_rate must be a number >= 0, got -0\.5"):
         GumbelConfig(decay_rate=-0.5)
     with pytest.raises(ValueError, match="update_every must be an int >= 1, got 0"):
         GumbelConfig(update_every=0)

@@ -51,7 +51,7 @@ def test_matches_naive_log_softmax_in_float64(chunk_rows: int) -> None:
     z, images = _inputs()
     fused = _value_and_grads(model, z, images, naive=False)
     naive = _value_and_grads(model, z, images, naive=True)
-    for got, want in zip(fused, naive):
+    for got, want in zip(fused, naive, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -61,7 +61,7 @@ def test_float32_is_within_rounding_of_float64(chunk_rows: int, output_scale: fl
     z, images = _inputs()
     exact = _value_and_grads(_model(torch.float64, chunk_rows, output_scale), z, images, naive=True)
     single = _value_and_grads(_model(torch.float32, chunk_rows, output_scale), z.float(), images, naive=False)
-    for got, want in zip(single, exact):
+    for got, want in zip(single, exact, strict=True):
         scale = want.abs().max().clamp_min(1.0)
         assert float((got.double() - want).abs().max() / scale) < 1e-4
 

@@ -29,7 +29,11 @@ from lvzoo_example_plugin import RLOO, RLOOConfig
 from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient
 
 BUILTIN_ESTIMATORS = frozenset(
-    "softmax sparsemax entmax15 topksparse sparsemap sfe sfe+ nvil sumsample gumbel stgumbel".split()
+    {
+        "softmax", "sparsemax", "entmax15", "topksparse", "sparsemap",
+        "sfe", "sfe+", "nvil", "sumsample",
+        "gumbel", "stgumbel",
+    }
 )
 BUILTIN_TASKS = frozenset({"ssvae", "signal", "bitvec"})
 BUILTIN_MODELS = frozenset({"ssvae", "signal", "bitvec"})

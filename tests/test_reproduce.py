@@ -26,8 +26,8 @@ from torch import Tensor
 import lvzoo.registry
 import lvzoo.runners.loop
 from lvzoo.estimators.base import EstimatorResult, LossFn
-from lvzoo.runners.cli import main
 from lvzoo.runners import ConfigError
+from lvzoo.runners.cli import main
 from lvzoo.runners.reproduce import LABEL_TAG, REPRODUCE_TAG, SEED_TAG, format_cell, parse_seeds, plan_reproduction
 from tests.conftest import TOY_ENTRY_POINTS, MlflowStore
 from tests.runner_toy import TemperedSoftmax, ToyTask
@@ -163,7 +163,7 @@ def test_cells_are_mean_and_sample_std_of_the_mlflow_test_metrics(reproduced: Re
             continue
         label_runs = [run for run in runs if run.data.tags[LABEL_TAG] == row[0]]
         assert sorted(int(run.data.tags[SEED_TAG]) for run in label_runs) == list(SEEDS)
-        for column, cell in zip(header[2:-2], row[2:-2]):
+        for column, cell in zip(header[2:-2], row[2:-2], strict=True):
             values = [run.data.metrics[f"test_{column}"] for run in label_runs]
             mean, std = _parse_cell(cell)
             # Cells print 4 (mean) and 2 (std) significant digits: rounding errors below 5e-4 and 5e-2 relative.

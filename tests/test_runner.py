@@ -293,7 +293,9 @@ def test_crash_marks_the_run_failed(mlflow_store: MlflowStore, workdir: Path, mo
     assert _statuses_in(mlflow_store, run_dir) == ["FAILED"]
 
 
-def test_sigterm_marks_the_run_killed(mlflow_store: MlflowStore, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_marks_the_run_killed(
+    mlflow_store: MlflowStore, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ToyTask, "sigterm_at_step", 1)
     handler_before = signal.getsignal(signal.SIGTERM)
     run_dir = workdir / "terminated"

@@ -264,7 +264,7 @@ def test_sfe_moving_average_baseline_updates_in_training_only() -> None:
     constant_losses = [2.0, 4.0]
     logged = []
     for value in constant_losses:
-        result = estimator(scores, lambda z, i: z.sum(-1) * value)
+        result = estimator(scores, lambda z, i, value=value: z.sum(-1) * value)
         logged.append(float(result.logs["baseline"]))
     # first batch initialises, the second mixes with decay 0.5; the logged value is the pre-update baseline
     assert logged == [0.0, 2.0]
@@ -350,7 +350,9 @@ def test_sum_and_sample_never_resamples_the_summed_assignments() -> None:
         decoder = QuadraticDecoderLoss(space, scores.shape[0])
         seen: list[Tensor] = []
 
-        def record(z_rows: Tensor, example_index: Tensor, decoder: QuadraticDecoderLoss = decoder) -> Tensor:
+        def record(
+            z_rows: Tensor, example_index: Tensor, decoder: QuadraticDecoderLoss = decoder, seen: list[Tensor] = seen
+        ) -> Tensor:
             seen.append(z_rows)
             loss: Tensor = decoder(z_rows, example_index)
             return loss

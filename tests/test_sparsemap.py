@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lvzoo import registry
 from lvzoo.estimators.base import IncompatibleSpaceError
+from lvzoo.estimators.spaces import BitVector, Categorical
 from lvzoo.estimators.sparsemap import (
     DECOMPOSITIONS,
     SparseMAP,
@@ -25,7 +26,6 @@ from lvzoo.estimators.sparsemap import (
     sparsemap,
     sparsemap_marginals,
 )
-from lvzoo.estimators.spaces import BitVector, Categorical
 from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient
 
 F64 = torch.float64
@@ -329,7 +329,7 @@ def test_estimator_objective_support_and_single_call(budget: int | None) -> None
     positive = solution.active & (solution.weights.detach() > 0)
     with torch.no_grad():
         for b in range(batch):
-            for z, weight in zip(solution.vertices[b][positive[b]], solution.weights[b][positive[b]]):
+            for z, weight in zip(solution.vertices[b][positive[b]], solution.weights[b][positive[b]], strict=True):
                 expected[b] += weight * loss(z.unsqueeze(0), torch.tensor([b]))[0]
     torch.testing.assert_close(result.objective, expected, atol=1e-12, rtol=1e-12)
     z_rows, example_index = recorder_rows[0]
@@ -358,7 +358,7 @@ def test_estimator_gradients_match_oracle(budget: int | None) -> None:
     SparseMAP(space)(leaf, estimator_loss).surrogate.sum().backward()  # type: ignore[no-untyped-call]
     oracle_loss = QuadraticDecoderLoss(space, batch)
     exact_expectation(space, probs_fn(t).detach(), oracle_loss).sum().backward()  # type: ignore[no-untyped-call]
-    for ours, reference in zip(estimator_loss.parameters(), oracle_loss.parameters()):
+    for ours, reference in zip(estimator_loss.parameters(), oracle_loss.parameters(), strict=True):
         assert ours.grad is not None and reference.grad is not None
         torch.testing.assert_close(ours.grad, reference.grad, atol=1e-12, rtol=1e-10)
     assert leaf.grad is not None
@@ -476,7 +476,9 @@ def test_structured_systematic_backward_equals_dense_kkt_solve(budget: int) -> N
     for structured in (True, False):
         used = crossings if structured else crossings._replace(path=torch.zeros_like(crossings.path))
         leaf = t.clone().requires_grad_(True)
-        out = _KKTWeights.apply(leaf, solution.vertices, solution.active, weights, torch.zeros(80, dtype=torch.bool), used, 8)
+        out = _KKTWeights.apply(
+            leaf, solution.vertices, solution.active, weights, torch.zeros(80, dtype=torch.bool), used, 8
+        )
         gradients.append(torch.autograd.grad((out * cotangent).sum(), leaf)[0])
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-12, rtol=1e-10)
     assert float(gradients[0].abs().max()) > 0.1

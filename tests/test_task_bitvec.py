@@ -6,6 +6,7 @@ Uses the real Fashion-MNIST files when ``<repo>/../shared/data`` holds them, gen
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def test_chunked_likelihood_equals_naive_log_softmax_values_and_gradients(images
     naive_value = naive()
     naive_grads = torch.autograd.grad((naive_value * upstream).sum(), params)
     torch.testing.assert_close(chunked_value, naive_value, rtol=1e-10, atol=1e-8)
-    for chunked, reference in zip(chunked_grads, naive_grads):
+    for chunked, reference in zip(chunked_grads, naive_grads, strict=True):
         torch.testing.assert_close(chunked, reference, rtol=1e-9, atol=1e-9)
 
 
@@ -358,7 +359,7 @@ def test_training_steps_with_topksparse_give_finite_loss_and_gradients(data_dir:
     model = task.build_model()
     estimator = _estimator(task)
     optimizer = torch.optim.Adam(model.parameters(), lr=task.estimator_defaults().lr)
-    for _, batch in zip(range(2), task.train_batches(torch.Generator().manual_seed(0))):
+    for batch in itertools.islice(task.train_batches(torch.Generator().manual_seed(0)), 2):
         optimizer.zero_grad()
         step = task.train_step(model, estimator, batch)
         torch.autograd.backward(step.loss)

@@ -35,7 +35,7 @@ from lvzoo.estimators.gumbel import GumbelConfig, GumbelSoftmax
 from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.score_function import SFE
 from lvzoo.estimators.spaces import Categorical
-from lvzoo.models.signal import SignalGameModel
+from lvzoo.models.signal import SignalGameModel, _CoordinateNetwork
 from lvzoo.tasks.data import DATASETS, load_images
 from lvzoo.tasks.signal import TEST_GAMES, VAL_GAMES, GameBatch, SignalGameConfig, SignalGameTask
 from lvzoo.tasks.signal_data import (
@@ -262,6 +262,25 @@ def test_candidates_embedded_once_and_loss_called_once_on_support(data_root: Pat
     assert torch.equal(output.support, support)
 
 
+def test_fused_sender_stack_matches_autograd_of_the_plain_formulation() -> None:
+    # The paper's per-coordinate network sigmoid(sum_k v_k sigmoid(w_k e)): values, gradients (against autograd of
+    # the plain [B, E, H] formulation) and a finite-difference check of the fused backward.
+    generator = torch.Generator().manual_seed(0)
+    embedded = torch.randn(6, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    hidden_weight = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    mix_weight = torch.randn(5, generator=generator, dtype=torch.float64, requires_grad=True)
+    inputs = (embedded, hidden_weight, mix_weight)
+    plain = torch.sigmoid(torch.sigmoid(embedded.unsqueeze(-1) * hidden_weight) @ mix_weight)
+    fused = _CoordinateNetwork.apply(*inputs)
+    torch.testing.assert_close(fused, plain, rtol=1e-14, atol=1e-14)
+    upstream = torch.randn(6, 7, generator=generator, dtype=torch.float64)
+    expected = torch.autograd.grad(plain, inputs, upstream)
+    actual = torch.autograd.grad(fused, inputs, upstream)
+    for want, got in zip(expected, actual, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(_CoordinateNetwork.apply, inputs)
+
+
 @pytest.mark.parametrize("rows", ["one-hot", "relaxed", "straight-through"])
 def test_lean_receiver_matches_per_row_candidate_copies(data_root: Path, rows: str) -> None:
     # Values and gradients (model parameters and, for rows with a gradient, the rows) agree with the per-row-copy
@@ -364,7 +383,8 @@ def test_evaluate_returns_finite_metrics(data_root: Path, estimator_name: str) -
     for split in ("val", "test"):
         metrics = task.evaluate(model, estimator, split)
         exact = estimator_name in ("sparsemax", "softmax")
-        assert set(metrics) == {"loss", "success", "decoder_calls", "entropy"} | ({"expected_success"} if exact else set())
+        expected_keys = {"loss", "success", "decoder_calls", "entropy"} | ({"expected_success"} if exact else set())
+        assert set(metrics) == expected_keys
         assert all(math.isfinite(value) for value in metrics.values())
         assert 0.0 <= metrics["success"] <= 1.0 and metrics["loss"] > 0.0
     assert model.training and estimator.training  # modes restored

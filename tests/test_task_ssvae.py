@@ -1,4 +1,5 @@
-"""The semi-supervised VAE task and model (real MNIST of ``<repo>/../shared/data`` when present, generated IDX files otherwise)."""
+"""The semi-supervised VAE task and model (real MNIST of ``<repo>/../shared/data`` when present, generated IDX files
+otherwise)."""
 
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def test_split_files_are_used_when_present(data_dir: Path, tmp_path: Path) -> No
     assert splits is not None
     assert tuple(s.numel() for s in splits) == sizes and all(s.dtype == torch.int64 for s in splits)
     assert torch.equal(torch.cat(splits).sort().values, torch.arange(num_train))  # a partition of train
-    for got, expected in zip(split_indices(num_train, root, split_seed=0), splits):
+    for got, expected in zip(split_indices(num_train, root, split_seed=0), splits, strict=True):
         assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="indexes image"):
         split_indices(num_train - 1, root, split_seed=0)
@@ -296,7 +297,7 @@ def test_warm_start_checkpoint_round_trip(data_dir: Path, tmp_path: Path) -> Non
     torch.save(model.state_dict(), bare)
     for path in (runner_checkpoint, bare):
         loaded = make_task(data_dir, "sfe", init_checkpoint=str(path)).build_model()
-        for (name, expected), (_, got) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        for (name, expected), (_, got) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert torch.equal(expected, got), name
     with pytest.raises(ValueError, match="does not fit"):
         make_task(data_dir, init_checkpoint=str(bare), latent_dim=4).build_model()

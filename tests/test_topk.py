@@ -266,7 +266,10 @@ def test_budgeted_shapes_agree_with_hole_program(k: int, budget: int) -> None:
     shape_scores = (_kbest_budgeted_shapes(t, k, budget).to(t.dtype) * t.unsqueeze(1)).sum(-1)
     program_scores = (_kbest_budgeted(t, k, budget).to(t.dtype) * t.unsqueeze(1)).sum(-1)
     torch.testing.assert_close(
-        shape_scores.sort(-1, descending=True).values, program_scores.sort(-1, descending=True).values, atol=1e-12, rtol=0
+        shape_scores.sort(-1, descending=True).values,
+        program_scores.sort(-1, descending=True).values,
+        atol=1e-12,
+        rtol=0,
     )
 
 

@@ -125,32 +125,31 @@ def _server_boot(mlflow_store: MlflowStore, tmp_path_factory: pytest.TempPathFac
     root = tmp_path_factory.mktemp("mlflow_server")
     database = mlflow_store.copy_to(root, "server.db")
     port = _free_port()
-    log = open(root / "server.log", "wb")
-    server = _Server(
-        process=subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{database}",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--artifacts-destination", str(root / "served-artifacts")],
-            cwd=root,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so teardown also stops the uvicorn worker
-        ),
-        url=f"http://127.0.0.1:{port}",
-        artifacts=root / "served-artifacts",
-        log_path=root / "server.log",
-    )
-    try:
-        yield server
-    finally:
-        os.killpg(server.process.pid, signal.SIGTERM)
+    with open(root / "server.log", "wb") as log:
+        server = _Server(
+            process=subprocess.Popen(
+                [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{database}",
+                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                 "--artifacts-destination", str(root / "served-artifacts")],
+                cwd=root,
+                env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so teardown also stops the uvicorn worker
+            ),
+            url=f"http://127.0.0.1:{port}",
+            artifacts=root / "served-artifacts",
+            log_path=root / "server.log",
+        )
         try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(timeout=20)
-        log.close()
+            yield server
+        finally:
+            os.killpg(server.process.pid, signal.SIGTERM)
+            try:
+                server.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.process.pid, signal.SIGKILL)
+                server.process.wait(timeout=20)
 
 
 @pytest.fixture
