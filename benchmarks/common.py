@@ -29,7 +29,7 @@ from lvzoo.estimators.base import (
     segment_sum,
 )
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
-from lvzoo.tasks.base import Task, TaskConfig
+from lvzoo.tasks.base import Task, TaskConfig, resolve_config
 
 #: Width of the encoder input given to estimators built outside a task (learned baselines need it).
 INPUT_DIM = 784
@@ -180,15 +180,14 @@ def build_task_setup(
     Datasets are loaded once per (task, config, device) and shared by the setups of every estimator.
     """
     task_cls = registry.tasks.load(task_name)
-    config = task_cls.config_class(**overrides)
-    donor_key = (task_name, config, str(device))
+    config, paper_estimator = resolve_config(task_cls, estimator_name, overrides)
+    donor_key = (task_name, task_cls.config_class(**overrides), str(device))  # the data depends on these only
     torch.manual_seed(seed)
-    task: Task[Any] = task_cls(config, estimator_name, data_dir, device)
+    task: Task[Any] = task_cls(config, data_dir, device)
     if donor_key in _DATA_DONORS:
         _share_loaded_data(_DATA_DONORS[donor_key], task)
-    defaults = task.estimator_defaults()
     estimator_cls = registry.estimators.load(estimator_name)
-    estimator_config = estimator_cls.config_class(**defaults.estimator_config)
+    estimator_config = estimator_cls.config_class(**paper_estimator)
     model = task.build_model().to(device)
     estimator = estimator_cls(task.latent_space(), estimator_config, input_dim=task.encoder_input_dim()).to(device)
     model.train()

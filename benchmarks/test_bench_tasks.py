@@ -53,7 +53,7 @@ CASES: dict[str, list[TaskCase]] = {
 
 def _space_of(case: TaskCase) -> Any:
     task_cls = registry.tasks.load(case.task)
-    return task_cls(task_cls.config_class(**case.overrides), "sfe", None, torch.device("cpu")).latent_space()
+    return task_cls(task_cls.config_class(**case.overrides), None, torch.device("cpu")).latent_space()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

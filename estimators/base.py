@@ -225,3 +225,9 @@ def describe_config(config_class: type[Any]) -> list[tuple[str, str, Any]]:
         type_name = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
         rows.append((field.name, str(type_name), field.default))
     return rows
+
+
+def exact_distribution(estimator: Estimator[Any], scores: Tensor) -> SparseDistribution | None:
+    """The exact posterior rows of ``estimator`` for ``scores [B, N]`` when it marginalizes
+    (:class:`MarginalizingEstimator`), else ``None``: the one way evaluation code asks for an exact posterior."""
+    return estimator.distribution(scores) if isinstance(estimator, MarginalizingEstimator) else None

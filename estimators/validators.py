@@ -99,6 +99,8 @@ non_negative_int = int_at_least(0)
 positive_number = number_in(0, low_open=True)
 #: An int or float >= 0 (``inf`` included).
 non_negative_number = number_in(0)
+#: A finite int or float.
+finite_number = number_in(-math.inf, math.inf, low_open=True, high_open=True)
 
 
 def positive_int_tuple(instance: object, attribute: attrs.Attribute[tuple[int, ...]], value: tuple[int, ...]) -> None:

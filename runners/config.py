@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from lvzoo.tasks.base import EstimatorDefaults, TaskConfig
+from lvzoo.tasks.base import Task, TaskConfig, resolve_config
 
 TASK_PREFIX = "task."
 ESTIMATOR_PREFIX = "estimator."
@@ -162,32 +162,25 @@ def split_overrides(
     return task_config, estimator_values
 
 
-def resolve_task_config(user_config: TaskConfig, defaults: EstimatorDefaults) -> TaskConfig:
-    """Fill the ``None`` (paper-default) ``lr``, ``entropy_coef`` and ``batch_size`` from ``defaults``."""
+def resolve_configs(
+    task_cls: type[Task[Any]], estimator_name: str, estimator_config_class: type[Any], overrides: Mapping[str, Any]
+) -> tuple[TaskConfig, Any]:
+    """The task config and estimator config of a run: field defaults, then the task's paper settings for
+    ``estimator_name`` (:func:`lvzoo.tasks.base.resolve_config`), then the user's ``overrides`` (``--set``)."""
+    task_values, estimator_values = _route(
+        overrides, field_types(task_cls.config_class), field_types(estimator_config_class)
+    )
     try:
-        resolved: TaskConfig = attrs.evolve(
-            user_config,
-            lr=defaults.lr if user_config.lr is None else user_config.lr,
-            entropy_coef=defaults.entropy_coef if user_config.entropy_coef is None else user_config.entropy_coef,
-            batch_size=defaults.batch_size if user_config.batch_size is None else user_config.batch_size,
-        )
+        task_config, paper_estimator = resolve_config(task_cls, estimator_name, task_values)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid task config: {one_line(str(exc))}") from None
-    return resolved
-
-
-def resolve_estimator_config(
-    estimator_config_class: type[Any], defaults: EstimatorDefaults, user_values: Mapping[str, Any]
-) -> Any:
-    """The estimator config: the task's paper overrides first, then the user's values."""
     known = {field.name for field in attrs.fields(estimator_config_class)}
-    unknown = sorted(set(defaults.estimator_config) - known)
+    unknown = sorted(set(paper_estimator) - known)
     if unknown:
         raise ConfigError(
-            f"task defaults set unknown estimator keys {unknown}; accepted keys: {', '.join(sorted(known)) or '(none)'}"
+            f"task settings set unknown estimator keys {unknown}; accepted keys: {', '.join(sorted(known)) or '(none)'}"
         )
-    merged = {**defaults.estimator_config, **user_values}
-    return _build(estimator_config_class, merged, "estimator")
+    return task_config, _build(estimator_config_class, {**paper_estimator, **estimator_values}, "estimator")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

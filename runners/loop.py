@@ -45,9 +45,7 @@ from lvzoo.runners.config import (
     config_to_dict,
     flatten_params,
     one_line,
-    resolve_estimator_config,
-    resolve_task_config,
-    split_overrides,
+    resolve_configs,
 )
 from lvzoo.runners.plots import SUPPORT_STATISTICS, plot_decoder_calls
 from lvzoo.runners.tracking import MlflowTracker, Tracker, default_tracking_uri
@@ -172,33 +170,31 @@ def plan_run(
     task_cls, task_name, instance = _resolve_task(task)
     estimator_cls, estimator_name = _resolve_estimator(estimator)
     user_overrides = dict(overrides)
-    if instance is not None:
-        base = {k: v for k, v in config_to_dict(instance.config).items() if k not in user_overrides}
+    if instance is not None:  # the instance's non-default config values act as the user's own
+        defaults = config_to_dict(type(instance.config)())
+        base = {
+            k: v
+            for k, v in config_to_dict(instance.config).items()
+            if v != defaults[k] and k not in user_overrides and f"task.{k}" not in user_overrides
+        }
         user_overrides = {**{f"task.{k}": v for k, v in base.items()}, **user_overrides}
         data_dir = data_dir if data_dir is not None else instance.data_dir
     torch_device = _device(device)
-    task_config, estimator_values = split_overrides(user_overrides, task_cls.config_class, estimator_cls.config_class)
-    reusable = instance is not None and (instance.config, instance.estimator_name, instance.data_dir) == (
-        task_config,
-        estimator_name,
-        data_dir,
+    task_config, estimator_config = resolve_configs(
+        task_cls, estimator_name, estimator_cls.config_class, user_overrides
     )
-    probe = instance if instance is not None and reusable and instance.device == torch_device else None
-    if probe is None:
-        probe = _construct_task(task_cls, task_config, estimator_name, data_dir, torch_device)
-    try:
-        defaults = probe.estimator_defaults()
-    except (ValueError, LookupError) as exc:
-        raise ConfigError(one_line(str(exc))) from None
-    resolved = resolve_task_config(task_config, defaults)
-    estimator_config = resolve_estimator_config(estimator_cls.config_class, defaults, estimator_values)
+    reusable = instance is not None and (instance.config, instance.data_dir, instance.device) == (
+        task_config,
+        data_dir,
+        torch_device,
+    )
     run_epochs = task_cls.default_epochs if epochs is None else epochs
     if isinstance(run_epochs, bool) or not isinstance(run_epochs, int) or run_epochs < 1:
         raise ConfigError(f"epochs must be a positive int, got {run_epochs!r}")
     return _Plan(
         task_cls=task_cls,
         task_name=task_name,
-        task_config=resolved,
+        task_config=task_config,
         estimator_cls=estimator_cls,
         estimator_name=estimator_name,
         estimator_config=estimator_config,
@@ -206,16 +202,16 @@ def plan_run(
         device=torch_device,
         seed=seed,
         epochs=run_epochs,
-        prebuilt_task=probe if resolved == task_config else None,
+        prebuilt_task=instance if reusable else None,
     )
 
 
 def _construct_task(
-    task_cls: type[Task[Any]], config: TaskConfig, estimator_name: str, data_dir: Path | None, device: torch.device
+    task_cls: type[Task[Any]], config: TaskConfig, data_dir: Path | None, device: torch.device
 ) -> Task[Any]:
     """``task_cls(...)``; a ``ValueError`` from the task's own validation becomes a :class:`ConfigError`."""
     try:
-        return task_cls(config, estimator_name, data_dir, device)
+        return task_cls(config, data_dir, device)
     except ValueError as exc:
         raise ConfigError(f"invalid task config: {one_line(str(exc))}") from None
 
@@ -245,7 +241,7 @@ def _build(plan: _Plan) -> _Components:
     shuffle = seed_everything(plan.seed)
     task = plan.prebuilt_task
     if task is None:
-        task = _construct_task(plan.task_cls, plan.task_config, plan.estimator_name, plan.data_dir, plan.device)
+        task = _construct_task(plan.task_cls, plan.task_config, plan.data_dir, plan.device)
     model = task.build_model().to(plan.device)
     space, input_dim = task.latent_space(), task.encoder_input_dim()
     try:
@@ -257,9 +253,7 @@ def _build(plan: _Plan) -> _Components:
             f"estimator {plan.estimator_name!r} does not fit task {plan.task_name!r}: {one_line(str(exc))}"
         ) from None
     parameters = list({id(p): p for p in [*model.parameters(), *estimator.parameters()]}.values())
-    lr = plan.task_config.lr
-    assert lr is not None, "resolve_task_config fills lr"
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    optimizer = torch.optim.Adam(parameters, lr=plan.task_config.lr)
     return _Components(task, model, estimator, optimizer, shuffle)
 
 

@@ -47,7 +47,7 @@ from lvzoo.runners.config import (
 )
 from lvzoo.runners.loop import TerminatedError, class_path, plan_run, sigterm_raises, train
 from lvzoo.runners.tracking import MlflowTracker, default_tracking_uri, sqlite_artifact_location
-from lvzoo.tasks.base import Task
+from lvzoo.tasks.base import Task, TaskConfig
 
 REPRODUCE_TAG = "lvzoo.reproduce_id"
 LABEL_TAG = "lvzoo.reproduce_label"
@@ -184,16 +184,12 @@ def _task_field(key: str, task_fields: Mapping[str, Any]) -> str | None:
     return name if name in task_fields else None
 
 
-def _task_instance(task_cls: type[Task[Any]], overrides: Mapping[str, str], data_dir: Path | None) -> Task[Any]:
-    """A task built from the user's task-level overrides only (to ask it for its paper variants)."""
+def _user_task_config(task_cls: type[Task[Any]], overrides: Mapping[str, str]) -> TaskConfig:
+    """The task config of the user's task-level overrides alone (to ask the task for its paper variants)."""
     task_fields = field_types(task_cls.config_class)
     task_values = {key: value for key, value in overrides.items() if _task_field(key, task_fields) is not None}
     config, _ = split_overrides(task_values, task_cls.config_class, EstimatorConfig)
-    estimator = task_cls.paper_estimators[0] if task_cls.paper_estimators else ""
-    try:
-        return task_cls(config, estimator, data_dir, torch.device("cpu"))
-    except ValueError as exc:
-        raise ConfigError(f"invalid task config: {one_line(str(exc))}") from None
+    return config
 
 
 def _merge_variant(
@@ -236,7 +232,7 @@ def plan_reproduction(
         raise ConfigError(one_line(str(exc))) from None
     if not (isinstance(task_cls, type) and issubclass(task_cls, Task)):
         raise ConfigError(f"task {task!r} does not name a Task subclass")
-    variants = _task_instance(task_cls, overrides, data_dir).paper_variants()
+    variants = task_cls.paper_variants(_user_task_config(task_cls, overrides))
     if estimators is None:
         labels = [*task_cls.paper_estimators, *variants]
         if not labels:

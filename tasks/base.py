@@ -1,8 +1,11 @@
 """The task interface the generic runner trains: data, model, per-step loss and evaluation.
 
-A task owns its data splits and its paper defaults; the runner owns the loop, the optimizer, checkpoints and
-tracking. Batches are already on the task's device; ``train_step`` and ``evaluate`` never move data to the host
-inside the hot path (metrics are returned as tensors and only read once per logging interval).
+A task owns its data splits and its paper settings (a table keyed by estimator name, :meth:`Task.paper_settings`,
+the only place a task names an estimator); the runner owns the loop, the optimizer, checkpoints and tracking. A task
+is constructed from a fully resolved config (:func:`resolve_config`: field defaults, then the paper's settings for
+the estimator, then the user's values) and never learns which estimator trains it. Batches are already on the
+task's device; ``train_step`` and ``evaluate`` never move data to the host inside the hot path (metrics are
+returned as tensors and only read once per logging interval).
 """
 
 from __future__ import annotations
@@ -18,28 +21,30 @@ from torch import Tensor, nn
 
 from lvzoo.estimators.base import Estimator
 from lvzoo.estimators.spaces import LatentSpace
-from lvzoo.estimators.validators import optional, positive_int, positive_number
+from lvzoo.estimators.validators import finite_number, optional, positive_int, positive_number
 
 
 @attrs.frozen
 class TaskConfig:
-    """Hyper-parameters every task has. ``None`` means "the paper's value for the chosen estimator"."""
+    """Hyper-parameters every task has (resolved values: see :func:`resolve_config`).
 
-    batch_size: int | None = attrs.field(default=None, validator=optional(positive_int))
-    lr: float | None = attrs.field(default=None, validator=optional(positive_number))
-    entropy_coef: float | None = attrs.field(default=None)
+    ``train_limit`` / ``eval_limit``: at most this many training / evaluation examples (``None``: all).
+    """
+
+    batch_size: int = attrs.field(default=64, validator=positive_int)
+    lr: float = attrs.field(default=1e-3, validator=positive_number)
+    entropy_coef: float = attrs.field(default=1.0, validator=finite_number)
     train_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
     eval_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
 
 
 @attrs.frozen
-class EstimatorDefaults:
-    """The paper's settings for one estimator on one task (``../shared/PAPER_SETUP.md``)."""
+class PaperSettings:
+    """The paper's settings for one estimator on one task (``../shared/PAPER_SETUP.md``): task-config values
+    (``lr``, ``entropy_coef``, ``batch_size``, task options) and estimator-config values."""
 
-    lr: float
-    entropy_coef: float = 1.0
-    batch_size: int = 64
-    estimator_config: Mapping[str, Any] = attrs.field(factory=dict)
+    task: Mapping[str, Any] = attrs.field(factory=dict)
+    estimator: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -65,23 +70,24 @@ class Task(abc.ABC, Generic[TC]):
     #: The seeds of the paper's code for this task (``runner reproduce``'s default).
     paper_seeds: ClassVar[tuple[int, ...]] = (0,)
 
-    def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
+    @classmethod
+    def paper_variants(cls, config: TC) -> dict[str, tuple[str, dict[str, Any]]]:
         """Extra labelled paper variants ``label -> (estimator, task-config overrides)`` (e.g. a budgeted one)."""
         return {}
 
-    def __init__(self, config: TC, estimator_name: str, data_dir: Path | None, device: torch.device) -> None:
+    @classmethod
+    def paper_settings(cls, estimator: str, config: TC) -> PaperSettings:
+        """The paper's settings for ``estimator`` given the user's ``config`` (e.g. its latent size); none here."""
+        return PaperSettings()
+
+    def __init__(self, config: TC, data_dir: Path | None, device: torch.device) -> None:
         self.config = config
-        self.estimator_name = estimator_name
         self.data_dir = data_dir
         self.device = device
 
     @abc.abstractmethod
     def latent_space(self) -> LatentSpace:
         """The latent space the encoder scores live in."""
-
-    @abc.abstractmethod
-    def estimator_defaults(self) -> EstimatorDefaults:
-        """The paper's settings for ``self.estimator_name`` on this task."""
 
     @abc.abstractmethod
     def encoder_input_dim(self) -> int:
@@ -112,3 +118,19 @@ class Task(abc.ABC, Generic[TC]):
     def save_artifacts(self, model: nn.Module, estimator: Estimator[Any], out_dir: Path) -> list[Path]:
         """Write task-specific artifacts (e.g. reconstructions) into ``out_dir``; returns the files written."""
         return []
+
+
+def resolve_config(
+    task_cls: type[Task[TC]], estimator: str, values: Mapping[str, Any] | None = None
+) -> tuple[TC, dict[str, Any]]:
+    """``(task config, estimator-config values)`` for training ``task_cls`` with ``estimator``.
+
+    Precedence: the config's field defaults, then :meth:`Task.paper_settings` (computed from the config of the
+    user's ``values``, so a table may depend on e.g. the latent size), then ``values`` (already typed). Raises
+    ``ValueError`` / ``TypeError`` from the config's validators. The estimator values still need the user's own on top.
+    """
+    user = dict(values or {})
+    config_class: Any = task_cls.config_class
+    settings = task_cls.paper_settings(estimator, config_class(**user))
+    config: TC = config_class(**{**settings.task, **user})
+    return config, dict(settings.estimator)

@@ -45,15 +45,15 @@ from torch import Tensor, nn
 from lvzoo.estimators.base import (
     Estimator,
     LossFn,
-    MarginalizingEstimator,
     SparseDistribution,
     evaluate_rows,
+    exact_distribution,
     expectation,
 )
 from lvzoo.estimators.spaces import BitVector
 from lvzoo.estimators.validators import positive_int
 from lvzoo.models.bitvec import PIXELS, BitVectorVAEModel
-from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
+from lvzoo.tasks.base import PaperSettings, StepOutput, Task, TaskConfig
 from lvzoo.tasks.data import load_images, minibatch_indices
 
 LOG2 = math.log(2.0)
@@ -61,23 +61,34 @@ LOG2 = math.log(2.0)
 VALIDATION_SIZE = 5000
 #: Seed of the importance-sampling draws of :meth:`BitVectorVAETask.evaluate` (same draws at every evaluation).
 EVAL_SEED = 1234
-#: Paper learning rates, ``(D = 32, D = 128)``; ``sumsample`` is not in the paper's table (SFE's rates are used).
-PAPER_LR: dict[str, tuple[float, float]] = {
-    "sfe": (1e-3, 1e-3),
-    "sfe+": (1e-3, 1e-3),
-    "nvil": (1e-3, 5e-4),
-    "sumsample": (1e-3, 1e-3),
-    "gumbel": (1e-3, 1e-3),
-    "stgumbel": (1e-3, 5e-4),
-    "topksparse": (2e-3, 1e-3),
-    "sparsemap": (2e-3, 2e-3),
-}
-#: Gumbel temperature decay rates ``r`` (``tau = max(0.5, exp(-r t))``), ``(D = 32, D = 128)``.
-PAPER_DECAY_RATE: dict[str, tuple[float, float]] = {"gumbel": (1e-5, 1e-4), "stgumbel": (1e-5, 1e-5)}
-#: Steps between Gumbel temperature updates.
+#: Steps between Gumbel temperature updates (``tau = max(0.5, exp(-r t))``).
 PAPER_UPDATE_EVERY = 1000
 #: Top-k sparsemax's ``k``.
 PAPER_TOPK = 10
+
+
+def _settings(lr: float, batch_size: int = 64, **estimator: Any) -> PaperSettings:
+    return PaperSettings(task={"lr": lr, "batch_size": batch_size}, estimator=estimator)
+
+
+def _gumbel(lr: float, decay_rate: float) -> PaperSettings:
+    return _settings(lr, decay_rate=decay_rate, update_every=PAPER_UPDATE_EVERY)
+
+
+#: The paper's settings per estimator, ``(D = 32, D = 128)`` (PAPER_SETUP.md 3.3): learning rates, batch 16 for
+#: SparseMAP at D = 128, Gumbel decay rates ``r``, top-k's k. ``sumsample`` is not in the paper's table (SFE's
+#: settings are used); other estimators get ``DEFAULT_SETTINGS``.
+PAPER_SETTINGS: dict[str, tuple[PaperSettings, PaperSettings]] = {
+    "sfe": (_settings(1e-3), _settings(1e-3)),
+    "sfe+": (_settings(1e-3), _settings(1e-3)),
+    "nvil": (_settings(1e-3), _settings(5e-4)),
+    "sumsample": (_settings(1e-3), _settings(1e-3)),
+    "gumbel": (_gumbel(1e-3, 1e-5), _gumbel(1e-3, 1e-4)),
+    "stgumbel": (_gumbel(1e-3, 1e-5), _gumbel(5e-4, 1e-5)),
+    "topksparse": (_settings(2e-3, k=PAPER_TOPK), _settings(1e-3, k=PAPER_TOPK)),
+    "sparsemap": (_settings(2e-3), _settings(2e-3, batch_size=16)),
+}
+DEFAULT_SETTINGS = _settings(1e-3)
 #: Images shown by :meth:`BitVectorVAETask.save_artifacts`.
 ARTIFACT_IMAGES = 8
 
@@ -268,10 +279,8 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
     paper_estimators = ("sfe", "sfe+", "nvil", "gumbel", "stgumbel", "topksparse", "sparsemap")
     paper_seeds = (42,)
 
-    def __init__(
-        self, config: BitVectorVAEConfig, estimator_name: str, data_dir: Path | None, device: torch.device
-    ) -> None:
-        super().__init__(config, estimator_name, data_dir, device)
+    def __init__(self, config: BitVectorVAEConfig, data_dir: Path | None, device: torch.device) -> None:
+        super().__init__(config, data_dir, device)
         self._splits: dict[str, Tensor] | None = None
 
     # -- data -----------------------------------------------------------------------------------------------
@@ -295,30 +304,23 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         return self._splits
 
     # -- Task interface -------------------------------------------------------------------------------------
-    def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
+    @classmethod
+    def paper_variants(cls, config: BitVectorVAEConfig) -> dict[str, tuple[str, dict[str, Any]]]:
         """SparseMAP with the paper's budget B = D/2."""
-        return {"sparsemap-budget": ("sparsemap", {"budget": self.config.bits // 2})}
+        return {"sparsemap-budget": ("sparsemap", {"budget": config.bits // 2})}
 
     def latent_space(self) -> BitVector:
         """``BitVector(bits, budget)``."""
         return BitVector(self.config.bits, self.config.budget)
 
-    def estimator_defaults(self) -> EstimatorDefaults:
-        """The paper's settings for the estimator at the paper's D nearest to ``bits`` (32 or 128).
+    @classmethod
+    def paper_settings(cls, estimator: str, config: BitVectorVAEConfig) -> PaperSettings:
+        """:data:`PAPER_SETTINGS` of ``estimator`` at the paper's D nearest to ``bits`` (32 or 128).
 
         Estimators outside the paper's table get lr 0.001, batch 64 and their own default configuration.
         """
-        name = self.estimator_name
-        column = 0 if abs(self.config.bits - 32) <= abs(self.config.bits - 128) else 1
-        if name not in PAPER_LR:
-            return EstimatorDefaults(lr=1e-3)
-        estimator_config: dict[str, Any] = {}
-        if name in PAPER_DECAY_RATE:
-            estimator_config = {"decay_rate": PAPER_DECAY_RATE[name][column], "update_every": PAPER_UPDATE_EVERY}
-        elif name == "topksparse":
-            estimator_config = {"k": PAPER_TOPK}
-        batch_size = 16 if name == "sparsemap" and column == 1 else 64
-        return EstimatorDefaults(lr=PAPER_LR[name][column], batch_size=batch_size, estimator_config=estimator_config)
+        column = 0 if abs(config.bits - 32) <= abs(config.bits - 128) else 1
+        return PAPER_SETTINGS.get(estimator, (DEFAULT_SETTINGS, DEFAULT_SETTINGS))[column]
 
     def encoder_input_dim(self) -> int:
         """784 pixels."""
@@ -328,22 +330,15 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         """A fresh :class:`BitVectorVAEModel` with ``bits`` latent bits."""
         return BitVectorVAEModel(self.config.bits, chunk_rows=self.config.likelihood_chunk)
 
-    def _batch_size(self) -> int:
-        return self.config.batch_size or self.estimator_defaults().batch_size
-
     def train_batches(self, generator: torch.Generator) -> Iterator[Tensor]:
         """Shuffled uint8 ``[B, 784]`` batches of the training split (the last one may be smaller)."""
         images = self._data()["train"]
-        for index in minibatch_indices(images.shape[0], self._batch_size(), generator, self.device):
+        for index in minibatch_indices(images.shape[0], self.config.batch_size, generator, self.device):
             yield images[index]
 
     def steps_per_epoch(self) -> int:
         """``ceil(train images / batch size)``."""
-        return -(-self._data()["train"].shape[0] // self._batch_size())
-
-    def _entropy_coef(self) -> float:
-        coef = self.config.entropy_coef
-        return self.estimator_defaults().entropy_coef if coef is None else coef
+        return -(-self._data()["train"].shape[0] // self.config.batch_size)
 
     def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: Tensor) -> StepOutput:
         """Loss ``mean(surrogate + D log 2 - entropy_coef * entropy)`` of uint8 images ``batch [B, 784]``."""
@@ -351,7 +346,7 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         scores = vae.encode(batch)
         result = estimator(scores, distortion_fn(vae, batch), batch.to(scores.dtype) / 255.0)
         prior_term = self.config.bits * LOG2
-        loss = (result.surrogate + prior_term - self._entropy_coef() * result.entropy).mean()
+        loss = (result.surrogate + prior_term - self.config.entropy_coef * result.entropy).mean()
         entropy = result.entropy.detach()
         support = result.support.to(scores.dtype)
         metrics = {
@@ -412,8 +407,8 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         prior_term = self.config.bits * LOG2
         loss_fn = distortion_fn(model, images)
         pass_rows = self.config.is_pass_rows
-        if isinstance(estimator, MarginalizingEstimator):
-            posterior = estimator.distribution(scores)
+        posterior = exact_distribution(estimator, scores)
+        if posterior is not None:
             losses = evaluate_rows(loss_fn, posterior.z_rows, posterior.example_index)
             result = expectation(posterior, losses)
             distortion, entropy, support = result.objective, result.entropy, result.support
@@ -443,10 +438,8 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         images = self._data()["test"][:ARTIFACT_IMAGES]
         with eval_mode(vae, estimator), torch.no_grad():
             scores = vae.encode(images)
-            if isinstance(estimator, MarginalizingEstimator):
-                modes = most_probable_rows(estimator.distribution(scores))
-            else:
-                modes = (scores > 0).to(scores.dtype)
+            posterior = exact_distribution(estimator, scores)
+            modes = most_probable_rows(posterior) if posterior is not None else (scores > 0).to(scores.dtype)
             reconstructions = vae.most_likely_images(modes)
         count = images.shape[0]
         figure, axes = plt.subplots(2, count, figsize=(1.2 * count, 2.6), squeeze=False)

@@ -12,7 +12,7 @@ from the test images with a fixed seed. ``train_limit`` caps the games per epoch
 Evaluation: ``success`` is the fraction of games where the receiver's argmax is the target when the sender sends
 the argmax of its scores; ``loss`` the mean estimator objective (the exact expected loss for marginalization, a
 Monte-Carlo estimate otherwise); ``decoder_calls`` the decoder calls per game; ``entropy`` the mean entropy of
-pi; for marginalizing estimators (:class:`~lvzoo.estimators.base.MarginalizingEstimator`) also
+pi; for marginalizing estimators (:func:`~lvzoo.estimators.base.exact_distribution`) also
 ``expected_success``, the exact ``E_pi[receiver argmax == target]`` under the estimator's ``distribution(scores)``.
 """
 
@@ -27,11 +27,11 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator, MarginalizingEstimator, marginalize
+from lvzoo.estimators.base import Estimator, exact_distribution, marginalize
 from lvzoo.estimators.spaces import Categorical, LatentSpace
 from lvzoo.estimators.validators import int_at_least, number_in
 from lvzoo.models.signal import TRAINING_LOSSES, GameLoss, SignalGameModel, TrainingLoss
-from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
+from lvzoo.tasks.base import PaperSettings, StepOutput, Task, TaskConfig
 from lvzoo.tasks.signal_data import (
     MNIST_FASHION_RELU,
     OFFLINE_SOURCES,
@@ -47,18 +47,25 @@ TEST_GAMES = 10000 // 64 * 64
 VAL_SEED = 20200724
 TEST_SEED = 20200725
 
-#: (lr, entropy_coef) per estimator (paper code scripts); others get ``DEFAULT_SETTINGS``.
-PAPER_SETTINGS: dict[str, tuple[float, float]] = {
-    "sfe": (1e-3, 0.05),
-    "sfe+": (1e-3, 0.05),
-    "nvil": (1e-3, 0.1),
-    "gumbel": (1e-3, 0.01),
-    "stgumbel": (1e-3, 0.01),
-    "softmax": (1e-3, 0.1),
-    "sparsemax": (5e-3, 0.1),
+_GUMBEL = {"decay_rate": 1e-5, "update_every": 1000}
+
+
+def _settings(lr: float, entropy_coef: float, **estimator: Any) -> PaperSettings:
+    return PaperSettings(task={"lr": lr, "entropy_coef": entropy_coef, "batch_size": 64}, estimator=estimator)
+
+
+#: The paper's settings per estimator (its code scripts: lr, entropy coefficient, batch 64, Gumbel schedule r = 1e-5
+#: every 1000 steps); estimators outside the table get ``DEFAULT_SETTINGS``.
+PAPER_SETTINGS: dict[str, PaperSettings] = {
+    "sfe": _settings(1e-3, 0.05),
+    "sfe+": _settings(1e-3, 0.05),
+    "nvil": _settings(1e-3, 0.1),
+    "gumbel": _settings(1e-3, 0.01, **_GUMBEL),
+    "stgumbel": _settings(1e-3, 0.01, **_GUMBEL),
+    "softmax": _settings(1e-3, 0.1),
+    "sparsemax": _settings(5e-3, 0.1),
 }
-DEFAULT_SETTINGS = (1e-3, 0.1)
-GUMBEL_SCHEDULE: dict[str, Any] = {"decay_rate": 1e-5, "update_every": 1000}
+DEFAULT_SETTINGS = _settings(1e-3, 0.1)
 
 
 def _feature_source(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -121,17 +128,21 @@ class SignalGameTask(Task[SignalGameConfig]):
     paper_estimators = ("sfe", "nvil", "gumbel", "stgumbel", "softmax", "sparsemax")
     paper_seeds = tuple(range(322, 332))
 
-    def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
+    @classmethod
+    def paper_variants(cls, config: SignalGameConfig) -> dict[str, tuple[str, dict[str, Any]]]:
         """The paper's 0/1-loss rows: SFE (0/1) with its entropy coefficient 0.01, and SFE+ (0/1)."""
         return {
             "sfe-01": ("sfe", {"loss": "zero_one", "entropy_coef": 0.01}),
             "sfe+-01": ("sfe+", {"loss": "zero_one"}),
         }
 
-    def __init__(
-        self, config: SignalGameConfig, estimator_name: str, data_dir: Path | None, device: torch.device
-    ) -> None:
-        super().__init__(config, estimator_name, data_dir, device)
+    @classmethod
+    def paper_settings(cls, estimator: str, config: SignalGameConfig) -> PaperSettings:
+        """:data:`PAPER_SETTINGS` of ``estimator`` (``DEFAULT_SETTINGS`` outside the paper's table)."""
+        return PAPER_SETTINGS.get(estimator, DEFAULT_SETTINGS)
+
+    def __init__(self, config: SignalGameConfig, data_dir: Path | None, device: torch.device) -> None:
+        super().__init__(config, data_dir, device)
         self._splits: GameSplits | None = None
 
     def splits(self) -> GameSplits:
@@ -160,12 +171,6 @@ class SignalGameTask(Task[SignalGameConfig]):
         """``Categorical(vocab_size)``: one symbol."""
         return Categorical(self.config.vocab_size)
 
-    def estimator_defaults(self) -> EstimatorDefaults:
-        """Paper lr / entropy coefficient of the estimator (batch 64; Gumbel: r = 1e-5 every 1000 steps)."""
-        lr, entropy_coef = PAPER_SETTINGS.get(self.estimator_name, DEFAULT_SETTINGS)
-        schedule = GUMBEL_SCHEDULE if self.estimator_name in ("gumbel", "stgumbel") else {}
-        return EstimatorDefaults(lr=lr, entropy_coef=entropy_coef, batch_size=64, estimator_config=dict(schedule))
-
     def encoder_input_dim(self) -> int:
         """The image feature width (784 for ``mnist-fashion``, 4096 for the paper's VGG features)."""
         return self.splits().train_images.feature_dim
@@ -181,19 +186,12 @@ class SignalGameTask(Task[SignalGameConfig]):
             sender_temperature=config.sender_temperature,
         )
 
-    def _batch_size(self) -> int:
-        return self.config.batch_size or self.estimator_defaults().batch_size
-
-    def _entropy_coef(self) -> float:
-        coef = self.config.entropy_coef
-        return self.estimator_defaults().entropy_coef if coef is None else coef
-
     def _train_games(self) -> int:
         return min(self.config.games_per_epoch, self.config.train_limit or self.config.games_per_epoch)
 
     def steps_per_epoch(self) -> int:
         """``ceil(games per epoch / batch size)``."""
-        return -(-self._train_games() // self._batch_size())
+        return -(-self._train_games() // self.config.batch_size)
 
     def train_batches(self, generator: torch.Generator) -> Iterator[GameBatch]:
         """One epoch of freshly drawn training games (randomness from ``generator``), as :class:`GameBatch`."""
@@ -202,7 +200,7 @@ class SignalGameTask(Task[SignalGameConfig]):
         yield from self._batches(images, games)
 
     def _batches(self, images: ConceptImages, games: Games) -> Iterator[GameBatch]:
-        batch_size = self._batch_size()
+        batch_size = self.config.batch_size
         for start in range(0, len(games), batch_size):
             chunk = games.slice(start, start + batch_size)
             yield GameBatch(candidates=images.lookup(chunk.candidates), target=chunk.target)
@@ -219,7 +217,7 @@ class SignalGameTask(Task[SignalGameConfig]):
         game_loss = self._game_loss(model, batch)
         result = estimator(scores, game_loss, target_features)
         entropy = result.entropy.mean()
-        loss = result.surrogate.mean() - self._entropy_coef() * entropy
+        loss = result.surrogate.mean() - self.config.entropy_coef * entropy
         with torch.no_grad():
             success = model.greedy_success(scores, game_loss).mean()
         metrics = {
@@ -268,7 +266,8 @@ class SignalGameTask(Task[SignalGameConfig]):
             "decoder_calls": result.support.float(),
             "entropy": result.entropy,
         }
-        if isinstance(estimator, MarginalizingEstimator):
+        posterior = exact_distribution(estimator, scores)
+        if posterior is not None:
             errors = model.game_loss(game_loss.candidate_embeddings, batch.target, "greedy_error")
-            values["expected_success"] = 1.0 - marginalize(estimator.distribution(scores), errors).objective
+            values["expected_success"] = 1.0 - marginalize(posterior, errors).objective
         return values

@@ -41,8 +41,8 @@ labelled set and no unlabelled batch is drawn.
   the loss is ``labelled_loss``.
 
 **Evaluation** (``evaluate``): ``accuracy`` of the classifier's argmax; ``neg_elbo``, the -ELBO above with the
-*exact* expectation over the 10 classes: under the estimator's own distribution when it is a
-:class:`~lvzoo.estimators.base.MarginalizingEstimator` (softmax / sparsemax / entmax15 / any third-party exact
+*exact* expectation over the 10 classes: under the estimator's own distribution when it has one
+(:func:`~lvzoo.estimators.base.exact_distribution`: softmax / sparsemax / entmax15 / any third-party exact
 estimator; evaluated with the estimator itself, which is exact), and under
 ``softmax(scores)`` for the Monte-Carlo and relaxed estimators; ``decoder_calls``, the mean support of the
 estimator run in eval mode (the estimator's state is restored afterwards). Images are binarized and ``h`` is
@@ -65,33 +65,35 @@ from entmax import sparsemax_loss
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn, MarginalizingEstimator
-from lvzoo.estimators.marginal import SoftmaxMarginal
+from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn, exact_distribution, marginalize
+from lvzoo.estimators.marginal import all_rows
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.estimators.validators import non_negative_int, one_of, positive_int
 from lvzoo.models.ssvae import IMAGE_PIXELS, SSVAEModel
-from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
+from lvzoo.tasks.base import PaperSettings, StepOutput, Task, TaskConfig
 from lvzoo.tasks.data import binarize, find_root, load_images, load_ssvae_splits, minibatch_indices
 
 NUM_CLASSES = 10
 
-#: Learning rates chosen in the paper's scripts (PAPER_SETUP.md 3.1); other estimators use FALLBACK_LR.
-PAPER_LR: Mapping[str, float] = {
-    "sfe": 1e-4,
-    "sfe+": 1e-4,
-    "nvil": 1e-3,
-    "sumsample": 1e-3,
-    "gumbel": 1e-3,
-    "stgumbel": 1e-3,
-    "softmax": 1e-3,
-    "sparsemax": 5e-4,
-}
-FALLBACK_LR = 1e-3
 #: The warm start (``labelled_only``) uses lr 1e-3 for every estimator.
 WARM_START_LR = 1e-3
 #: Gumbel temperature schedule tau = max(0.5, exp(-decay_rate * t)), updated every ``update_every`` steps.
-GUMBEL_SCHEDULE: Mapping[str, Any] = {"decay_rate": 1e-4, "update_every": 1000}
-CLASSIFICATION_LOSSES = ("auto", "nll", "sparsemax")
+_GUMBEL: Mapping[str, Any] = {"decay_rate": 1e-4, "update_every": 1000}
+#: The paper's settings per estimator (PAPER_SETUP.md 3.1: its scripts' learning rates, batch 64, entropy
+#: coefficient 1 = the ELBO; sparsemax trains its classifier with the sparsemax loss; Gumbel schedule r = 1e-4 every
+#: 1000 steps); estimators outside the table get ``DEFAULT_SETTINGS``.
+PAPER_SETTINGS: Mapping[str, PaperSettings] = {
+    "sfe": PaperSettings(task={"lr": 1e-4}),
+    "sfe+": PaperSettings(task={"lr": 1e-4}),
+    "nvil": PaperSettings(task={"lr": 1e-3}),
+    "sumsample": PaperSettings(task={"lr": 1e-3}),
+    "gumbel": PaperSettings(task={"lr": 1e-3}, estimator=_GUMBEL),
+    "stgumbel": PaperSettings(task={"lr": 1e-3}, estimator=_GUMBEL),
+    "softmax": PaperSettings(task={"lr": 1e-3}),
+    "sparsemax": PaperSettings(task={"lr": 5e-4, "classification_loss": "sparsemax"}),
+}
+DEFAULT_SETTINGS = PaperSettings(task={"lr": 1e-3})
+CLASSIFICATION_LOSSES = ("nll", "sparsemax")
 
 
 def _bool(instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
@@ -111,7 +113,8 @@ class SSVAEConfig(TaskConfig):
     ``labelled_only``: warm start, train on the labelled set only (paper: 100 epochs, lr 1e-3).
     ``init_checkpoint``: weights to start from (a runner checkpoint with key ``"model"``, or a bare state_dict).
     ``vae_layers``: hidden layers of the encoder and decoder (2 as in the paper's code; the text says 1).
-    ``classification_loss``: ``auto`` = sparsemax loss for the sparsemax estimator, NLL otherwise.
+    ``classification_loss``: of the labelled classifier, ``nll`` or ``sparsemax`` (the paper's, for the sparsemax
+    estimator).
     """
 
     labelled_only: bool = attrs.field(default=False, validator=_bool)
@@ -121,7 +124,7 @@ class SSVAEConfig(TaskConfig):
     classifier_layers: int = attrs.field(default=3, validator=positive_int)
     vae_hidden: int = attrs.field(default=128, validator=positive_int)
     vae_layers: int = attrs.field(default=2, validator=positive_int)
-    classification_loss: str = attrs.field(default="auto", validator=one_of(*CLASSIFICATION_LOSSES))
+    classification_loss: str = attrs.field(default="nll", validator=one_of(*CLASSIFICATION_LOSSES))
     split_seed: int = attrs.field(default=0, validator=non_negative_int)
     eval_batch_size: int = attrs.field(default=500, validator=positive_int)
     eval_seed: int = attrs.field(default=0, validator=non_negative_int)
@@ -210,27 +213,22 @@ class SSVAETask(Task[SSVAEConfig]):
     paper_estimators = ("sfe", "sfe+", "nvil", "sumsample", "gumbel", "stgumbel", "softmax", "sparsemax")
     paper_seeds = tuple(range(43, 53))
 
-    def __init__(self, config: SSVAEConfig, estimator_name: str, data_dir: Path | None, device: torch.device) -> None:
-        super().__init__(config, estimator_name, data_dir, device)
-        defaults = self.estimator_defaults()
-        self.batch_size = config.batch_size if config.batch_size is not None else defaults.batch_size
-        self.entropy_coef = config.entropy_coef if config.entropy_coef is not None else defaults.entropy_coef
-        self.use_sparsemax_loss = config.classification_loss == "sparsemax" or (
-            config.classification_loss == "auto" and estimator_name == "sparsemax"
-        )
+    @classmethod
+    def paper_settings(cls, estimator: str, config: SSVAEConfig) -> PaperSettings:
+        """:data:`PAPER_SETTINGS` of ``estimator``; the warm start (``labelled_only``) uses ``WARM_START_LR``."""
+        settings = PAPER_SETTINGS.get(estimator, DEFAULT_SETTINGS)
+        if config.labelled_only:
+            return attrs.evolve(settings, task={**settings.task, "lr": WARM_START_LR})
+        return settings
+
+    def __init__(self, config: SSVAEConfig, data_dir: Path | None, device: torch.device) -> None:
+        super().__init__(config, data_dir, device)
         self._data: SSVAEData | None = None
 
     # ----------------------------------------------------------------------------------------------- interface
     def latent_space(self) -> Categorical:
         """``Categorical(10)``: the digit class."""
         return Categorical(NUM_CLASSES)
-
-    def estimator_defaults(self) -> EstimatorDefaults:
-        """The paper's lr for the estimator (1e-3 for unlisted ones and for the warm start), batch 64,
-        entropy_coef 1 and, for Gumbel estimators, the temperature schedule."""
-        lr = WARM_START_LR if self.config.labelled_only else PAPER_LR.get(self.estimator_name, FALLBACK_LR)
-        estimator_config = dict(GUMBEL_SCHEDULE) if self.estimator_name in ("gumbel", "stgumbel") else {}
-        return EstimatorDefaults(lr=lr, entropy_coef=1.0, batch_size=64, estimator_config=estimator_config)
 
     def encoder_input_dim(self) -> int:
         """784: the flattened binary image."""
@@ -269,12 +267,12 @@ class SSVAETask(Task[SSVAEConfig]):
         data = self.data
         num_labelled = data.labelled_labels.shape[0]
         if self.config.labelled_only:
-            for index in minibatch_indices(num_labelled, self.batch_size, generator, self.device):
+            for index in minibatch_indices(num_labelled, self.config.batch_size, generator, self.device):
                 yield SSVAEBatch(binarize(data.labelled_images[index]), data.labelled_labels[index], None)
             return
         labelled_stream = self._cycle(num_labelled, generator)
         for unlabelled_index in minibatch_indices(
-            data.unlabelled_images.shape[0], self.batch_size, generator, self.device
+            data.unlabelled_images.shape[0], self.config.batch_size, generator, self.device
         ):
             index = next(labelled_stream)
             yield SSVAEBatch(
@@ -287,7 +285,7 @@ class SSVAETask(Task[SSVAEConfig]):
         """Unlabelled batches per epoch (labelled batches in the warm start)."""
         data = self.data
         count = data.labelled_labels.shape[0] if self.config.labelled_only else data.unlabelled_images.shape[0]
-        return math.ceil(count / self.batch_size)
+        return math.ceil(count / self.config.batch_size)
 
     def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: SSVAEBatch) -> StepOutput:
         """The loss of the module docstring; ``support [B_u]`` is the estimator's (``[B_l]`` ones when labelled
@@ -327,9 +325,6 @@ class SSVAETask(Task[SSVAEConfig]):
             images, labels = data.test_images, data.test_labels
         else:
             raise ValueError(f"unknown split {split!r}; accepted: val, test")
-        exact: Estimator[Any] = (
-            estimator if isinstance(estimator, MarginalizingEstimator) else SoftmaxMarginal(self.latent_space())
-        )
         generator = torch.Generator(device=self.device).manual_seed(self.config.eval_seed)
         saved_state = {name: value.clone() for name, value in estimator.state_dict().items()}
         was_training = (ssvae.training, estimator.training)
@@ -343,9 +338,11 @@ class SSVAETask(Task[SSVAEConfig]):
                 x = binarize(images[index], generator)
                 scores = ssvae.classify(x)
                 correct += (scores.argmax(-1) == labels[index]).sum()
-                result = exact(scores, self.row_loss(ssvae, x, generator=generator), x)
+                posterior = exact_distribution(estimator, scores)
+                under = posterior if posterior is not None else all_rows(torch.softmax(scores, -1), self.latent_space())
+                result = marginalize(under, self.row_loss(ssvae, x, generator=generator))
                 neg_elbo += (result.objective + ssvae.log_num_classes() - result.entropy).sum()
-                if exact is not estimator:
+                if posterior is None:
                     result = estimator(scores, self.row_loss(ssvae, x, generator=generator), x)
                 decoder_calls += result.support.sum()
         estimator.load_state_dict(saved_state)
@@ -411,7 +408,7 @@ class SSVAETask(Task[SSVAEConfig]):
         """The estimator run on unlabelled images ``x [B_u, P]``: trained loss and -ELBO, each ``[B_u]``."""
         result = estimator(model.classify(x), self.row_loss(model, x, sample_h=sample_h, generator=generator), x)
         log_k = model.log_num_classes()
-        loss = result.surrogate + log_k - self.entropy_coef * result.entropy
+        loss = result.surrogate + log_k - self.config.entropy_coef * result.entropy
         neg_elbo = result.objective + log_k - result.entropy.detach()
         return UnlabelledTerms(loss=loss, neg_elbo=neg_elbo, result=result)
 
@@ -420,7 +417,7 @@ class SSVAETask(Task[SSVAEConfig]):
         scores = model.classify(x)
         z = F.one_hot(labels, NUM_CLASSES).to(x.dtype)
         neg_elbo = model.neg_elbo_given_class(x, z) + model.log_num_classes()
-        if self.use_sparsemax_loss:
+        if self.config.classification_loss == "sparsemax":
             classification: Tensor = sparsemax_loss(scores, labels)
         else:
             classification = F.cross_entropy(scores, labels, reduction="none")
@@ -435,7 +432,7 @@ class SSVAETask(Task[SSVAEConfig]):
     def _cycle(self, count: int, generator: torch.Generator) -> Iterator[Tensor]:
         """Endless shuffled batches ``[batch_size]`` of indices into ``count`` items, reshuffled every pass."""
         while True:
-            yield from minibatch_indices(count, self.batch_size, generator, self.device)
+            yield from minibatch_indices(count, self.config.batch_size, generator, self.device)
 
     @staticmethod
     def _check_model(model: nn.Module) -> SSVAEModel:

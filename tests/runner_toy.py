@@ -27,7 +27,7 @@ from lvzoo.estimators.base import (
 )
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 from lvzoo.estimators.validators import positive_number
-from lvzoo.tasks.base import EstimatorDefaults, StepOutput, Task, TaskConfig
+from lvzoo.tasks.base import PaperSettings, StepOutput, Task, TaskConfig
 
 NUM_CODES = 3
 FEATURES = 4
@@ -72,8 +72,8 @@ class ToyTask(Task[ToyConfig]):
     sigterm_at_step: ClassVar[int | None] = None
     step_delay: ClassVar[float] = 0.0
 
-    def __init__(self, config: ToyConfig, estimator_name: str, data_dir: Any, device: torch.device) -> None:
-        super().__init__(config, estimator_name, data_dir, device)
+    def __init__(self, config: ToyConfig, data_dir: Any, device: torch.device) -> None:
+        super().__init__(config, data_dir, device)
         generator = torch.Generator().manual_seed(DATA_SEED)
         centers = 3.0 * torch.randn(NUM_CODES, FEATURES, generator=generator)
         labels = torch.randint(NUM_CODES, (128,), generator=generator)
@@ -84,8 +84,9 @@ class ToyTask(Task[ToyConfig]):
     def latent_space(self) -> LatentSpace:
         return BitVector(NUM_CODES) if self.config.bits else Categorical(NUM_CODES)
 
-    def estimator_defaults(self) -> EstimatorDefaults:
-        return EstimatorDefaults(lr=0.05, entropy_coef=0.1, batch_size=16)
+    @classmethod
+    def paper_settings(cls, estimator: str, config: ToyConfig) -> PaperSettings:
+        return PaperSettings(task={"lr": 0.05, "entropy_coef": 0.1, "batch_size": 16})
 
     def encoder_input_dim(self) -> int:
         return FEATURES
@@ -94,14 +95,11 @@ class ToyTask(Task[ToyConfig]):
         return ToyModel(self.config.hidden)
 
     def steps_per_epoch(self) -> int:
-        batch_size = self.config.batch_size
-        assert batch_size is not None
-        return -(-self.splits["train"].shape[0] // batch_size)
+        return -(-self.splits["train"].shape[0] // self.config.batch_size)
 
     def train_batches(self, generator: torch.Generator) -> Iterator[Tensor]:
         """Shuffled batches ``[batch_size, 4]``."""
         batch_size = self.config.batch_size
-        assert batch_size is not None
         data = self.splits["train"]
         order = torch.randperm(data.shape[0], generator=generator)
         for start in range(0, data.shape[0], batch_size):
@@ -131,8 +129,7 @@ class ToyTask(Task[ToyConfig]):
             os.kill(os.getpid(), signal.SIGTERM)
         x = batch + self.config.noise * torch.randn(batch.shape, device=batch.device)
         result = self._objective(model, estimator, x)
-        entropy_coef = self.config.entropy_coef or 0.0
-        loss = result.surrogate.mean() - entropy_coef * result.entropy.mean()
+        loss = result.surrogate.mean() - self.config.entropy_coef * result.entropy.mean()
         return StepOutput(
             loss=loss,
             # "loss" as the real tasks report it: the loop must not count it twice

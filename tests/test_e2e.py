@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from lvzoo import registry
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.cli import EXIT_INTERRUPTED, main
-from lvzoo.tasks.base import Task
+from lvzoo.tasks.base import Task, resolve_config
 from tests.conftest import MlflowStore
 from tests.datasets import REPO, shared_or_random_root
 from tests.interrupts import before_call, raise_keyboard_interrupt, sigkill_once_file_exists
@@ -173,8 +173,8 @@ def _task_class(task: str) -> type[Task[Any]]:
 
 def _paper_lr(task: str, estimator: str) -> float:
     """The learning rate the task's paper defaults give the estimator (constructing a task loads no data)."""
-    cls = _task_class(task)
-    return cls(cls.config_class(), estimator, None, CPU).estimator_defaults().lr
+    config, _ = resolve_config(_task_class(task), estimator)
+    return config.lr
 
 
 def _steps_per_epoch(task: str, estimator: str) -> int:
@@ -183,8 +183,7 @@ def _steps_per_epoch(task: str, estimator: str) -> int:
     if "batch_size" in sets:
         batch_size = int(sets["batch_size"])
     else:
-        cls = _task_class(task)
-        batch_size = cls(cls.config_class(), estimator, None, CPU).estimator_defaults().batch_size
+        batch_size = resolve_config(_task_class(task), estimator)[0].batch_size
     return math.ceil(EXAMPLES[task] / batch_size)
 
 

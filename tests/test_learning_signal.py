@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from lvzoo.estimators.marginal import SparsemaxMarginal
+from lvzoo.tasks.base import resolve_config
 from lvzoo.tasks.data import DATASETS, load_images
-from lvzoo.tasks.signal import SignalGameConfig, SignalGameTask
+from lvzoo.tasks.signal import SignalGameTask
 from tests.datasets import shared_data_root, write_dataset, write_learnable_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,13 +58,13 @@ class GameRun:
 
 def train_game(data_dir: Path, seed: int, steps: int = STEPS) -> GameRun:
     """``steps`` steps of sparsemax with the paper's defaults (validation on 1,024 fixed games)."""
-    task = SignalGameTask(SignalGameConfig(games_per_epoch=steps * 64), "sparsemax", data_dir, CPU)
-    defaults = task.estimator_defaults()
-    assert (defaults.lr, defaults.entropy_coef, defaults.batch_size) == (5e-3, 0.1, 64)  # the paper's table
+    config, _ = resolve_config(SignalGameTask, "sparsemax", {"games_per_epoch": steps * 64})
+    assert (config.lr, config.entropy_coef, config.batch_size) == (5e-3, 0.1, 64)  # the paper's table
+    task = SignalGameTask(config, data_dir, CPU)
     torch.manual_seed(seed)
     model = task.build_model()
     estimator = SparsemaxMarginal(task.latent_space())
-    optimizer = torch.optim.Adam(model.parameters(), lr=defaults.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     supports: list[float] = []
     for batch in task.train_batches(torch.Generator().manual_seed(seed)):
         output = task.train_step(model, estimator, batch)

@@ -26,10 +26,10 @@ import torch
 from lvzoo.estimators.base import Estimator
 from lvzoo.estimators.marginal import SparsemaxMarginal
 from lvzoo.estimators.topk import TopKSparsemax, TopKSparsemaxConfig
-from lvzoo.tasks.base import Task
-from lvzoo.tasks.bitvec import VALIDATION_SIZE, BitVectorVAEConfig, BitVectorVAETask
+from lvzoo.tasks.base import Task, resolve_config
+from lvzoo.tasks.bitvec import VALIDATION_SIZE, BitVectorVAETask
 from lvzoo.tasks.data import DatasetName
-from lvzoo.tasks.ssvae import SSVAEConfig, SSVAETask
+from lvzoo.tasks.ssvae import SSVAETask
 from tests.datasets import shared_data_root, write_learnable_dataset
 
 #: One intra-op thread: the small matrices gain nothing from more, and the test machine is shared.
@@ -86,9 +86,9 @@ def fit(
     generator: torch.Generator,
     epochs: int,
 ) -> int:
-    """``epochs`` epochs of Adam at the task's paper lr for ``task.estimator_name``; the largest per-example
-    support (decoder calls) of any training step."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=task.estimator_defaults().lr)
+    """``epochs`` epochs of Adam at the task's (resolved, paper) lr; the largest per-example support (decoder calls)
+    of any training step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.config.lr)
     largest_support = 0
     for _ in range(epochs):
         for batch in task.train_batches(generator):
@@ -113,8 +113,9 @@ class SSVAERun:
 
 def train_ssvae(data_dir: Path, checkpoint: Path, seed: int) -> SSVAERun:
     """The warm start (``labelled_only``) and then the semi-supervised sparsemax run from its checkpoint."""
-    warm_task = SSVAETask(SSVAEConfig(labelled_only=True, **SSVAE_LIMITS), "sparsemax", data_dir, CPU)
-    assert warm_task.estimator_defaults().lr == 1e-3  # the paper's warm start
+    warm_config, _ = resolve_config(SSVAETask, "sparsemax", {"labelled_only": True, **SSVAE_LIMITS})
+    assert warm_config.lr == 1e-3  # the paper's warm start
+    warm_task = SSVAETask(warm_config, data_dir, CPU)
     estimator = SparsemaxMarginal(warm_task.latent_space())
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -123,8 +124,9 @@ def train_ssvae(data_dir: Path, checkpoint: Path, seed: int) -> SSVAERun:
     fit(warm_task, model, estimator, generator, WARM_EPOCHS)
     warm = warm_task.evaluate(model, estimator, "val")
     torch.save({"model": model.state_dict()}, checkpoint)
-    task = SSVAETask(SSVAEConfig(init_checkpoint=str(checkpoint), **SSVAE_LIMITS), "sparsemax", data_dir, CPU)
-    assert task.estimator_defaults().lr == 5e-4  # the paper's lr for sparsemax
+    config, _ = resolve_config(SSVAETask, "sparsemax", {"init_checkpoint": str(checkpoint), **SSVAE_LIMITS})
+    assert config.lr == 5e-4  # the paper's lr for sparsemax
+    task = SSVAETask(config, data_dir, CPU)
     model = task.build_model()
     fit(task, model, estimator, generator, SSVAE_EPOCHS)
     return SSVAERun(init, warm, task.evaluate(model, estimator, "val"), task.evaluate(model, estimator, "test"))
@@ -141,10 +143,10 @@ class BitvecRun:
 
 def train_bitvec(data_dir: Path, seed: int) -> BitvecRun:
     """``BITVEC_EPOCHS`` epochs of topksparse (k = 10) at D = 32 with the paper's lr."""
-    task = BitVectorVAETask(BitVectorVAEConfig(**BITVEC_SETTINGS), "topksparse", data_dir, CPU)
-    defaults = task.estimator_defaults()
-    assert defaults.lr == 2e-3 and dict(defaults.estimator_config) == {"k": TOPK}  # the paper's table at D = 32
-    estimator = TopKSparsemax(task.latent_space(), TopKSparsemaxConfig(**defaults.estimator_config))
+    config, estimator_values = resolve_config(BitVectorVAETask, "topksparse", BITVEC_SETTINGS)
+    assert config.lr == 2e-3 and estimator_values == {"k": TOPK}  # the paper's table at D = 32
+    task = BitVectorVAETask(config, data_dir, CPU)
+    estimator = TopKSparsemax(task.latent_space(), TopKSparsemaxConfig(**estimator_values))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = task.build_model()

@@ -78,15 +78,6 @@ def test_default_config_is_frozen_attrs(name: str) -> None:
         CLASSES[name](Categorical(K), config=EstimatorConfig())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_refuses_scores_of_wrong_width(name: str) -> None:
-    estimator = CLASSES[name](Categorical(K))
-    loss = QuadraticDecoderLoss(Categorical(K), batch=BATCH)
-    with pytest.raises(ValueError, match=r"\[B, 7\]"):
-        estimator(torch.zeros(BATCH, K + 1, dtype=torch.float64), loss)
-    assert loss.calls == 0
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("name", NAMES)
 def test_objective_and_gradients_equal_oracle(name: str, seed: int) -> None:

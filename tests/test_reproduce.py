@@ -41,7 +41,8 @@ class ReproToyTask(ToyTask):
 
     paper_estimators: ClassVar[tuple[str, ...]] = ("tempered", "crashing")
 
-    def paper_variants(self) -> dict[str, tuple[str, dict[str, Any]]]:
+    @classmethod
+    def paper_variants(cls, config: Any) -> dict[str, tuple[str, dict[str, Any]]]:
         return {"tempered-noisy": ("tempered", {"noise": NOISY})}
 
 

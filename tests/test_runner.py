@@ -120,8 +120,8 @@ def test_cli_list_shows_plugins_estimator_spaces_and_fields() -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--set", "lr=fast"], "bad value for task.lr: 'fast' is not a float | None"),
-        (["--set", "batch_size=0"], "batch_size must be None or an int >= 1, got 0"),
+        (["--set", "lr=fast"], "bad value for task.lr: 'fast' is not a float"),
+        (["--set", "batch_size=0"], "batch_size must be an int >= 1, got 0"),
         (["--set", "temperature=-1"], "temperature must be a number > 0, got -1.0"),
         (["--set", "colour=red"], "unknown key 'colour'; accepted keys: task.batch_size, task.lr"),
         (["--set", "noise"], "--set expects key=value, got 'noise'"),
@@ -338,7 +338,7 @@ def test_evaluate_checkpoint_reproduces_the_logged_test_metrics(reference: Train
 def test_task_instance_and_typed_overrides(mlflow_store: MlflowStore, workdir: Path) -> None:
     from tests.runner_toy import ToyConfig
 
-    instance = ToyTask(ToyConfig(hidden=(5, 6), lr=0.02), "TemperedSoftmax", None, torch.device("cpu"))
+    instance = ToyTask(ToyConfig(hidden=(5, 6), lr=0.02), None, torch.device("cpu"))
     result = train(instance, TemperedSoftmax, overrides={"noise": 0.0}, epochs=1, tracking_uri=mlflow_store.uri)
     params = MlflowClient(mlflow_store.uri).get_run(result.run_id).data.params
     assert params["task.hidden"] == "(5, 6)" and params["task.lr"] == "0.02" and params["task.noise"] == "0.0"

@@ -17,14 +17,16 @@ from lvzoo.estimators.sparsemap import (
     SparseMAP,
     SparseMAPConfig,
     SparseMAPSolution,
+    solve_sparsemap,
+    sparsemap,
+    sparsemap_marginals,
+)
+from lvzoo.estimators.sparsemap_decompositions import (
     _affinely_independent,
     _dyadic_decomposition,
     _KKTWeights,
     _path_kkt_direction,
     _systematic_decomposition,
-    solve_sparsemap,
-    sparsemap,
-    sparsemap_marginals,
 )
 from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient
 

@@ -30,6 +30,7 @@ from lvzoo.estimators.base import (
 from lvzoo.estimators.spaces import BitVector
 from lvzoo.estimators.topk import TopKSparsemax, TopKSparsemaxConfig
 from lvzoo.models.bitvec import PIXELS, BitVectorVAEModel
+from lvzoo.tasks.base import resolve_config
 from lvzoo.tasks.bitvec import (
     EVAL_SEED,
     VALIDATION_SIZE,
@@ -78,14 +79,16 @@ def _exact_log_marginal(model: BitVectorVAEModel, x: Tensor) -> tuple[Tensor, Te
 
 
 def _task(data_dir: Path, estimator: str = "topksparse", **config: Any) -> BitVectorVAETask:
+    """The task configured for ``estimator`` as the runner resolves it (paper settings, then ``config``)."""
     settings: dict[str, Any] = {"bits": 8, "train_limit": 96, "eval_limit": 12, "is_samples": 4}
     settings.update(config)
-    return BitVectorVAETask(BitVectorVAEConfig(**settings), estimator, data_dir, torch.device("cpu"))
+    resolved, _ = resolve_config(BitVectorVAETask, estimator, settings)
+    return BitVectorVAETask(resolved, data_dir, torch.device("cpu"))
 
 
-def _estimator(task: BitVectorVAETask) -> Any:
-    cls = registry.estimators.load(task.estimator_name)
-    config = cls.config_class(**task.estimator_defaults().estimator_config)
+def _estimator(task: BitVectorVAETask, name: str = "topksparse") -> Any:
+    cls = registry.estimators.load(name)
+    config = cls.config_class(**BitVectorVAETask.paper_settings(name, task.config).estimator)
     return cls(task.latent_space(), config, input_dim=task.encoder_input_dim())
 
 
@@ -358,7 +361,7 @@ def test_training_steps_with_topksparse_give_finite_loss_and_gradients(data_dir:
     torch.manual_seed(0)
     model = task.build_model()
     estimator = _estimator(task)
-    optimizer = torch.optim.Adam(model.parameters(), lr=task.estimator_defaults().lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.config.lr)
     for batch in itertools.islice(task.train_batches(torch.Generator().manual_seed(0)), 2):
         optimizer.zero_grad()
         step = task.train_step(model, estimator, batch)
@@ -381,7 +384,7 @@ def test_evaluate_returns_finite_metrics(data_dir: Path, estimator_name: str) ->
     task = _task(data_dir, estimator_name, eval_batch_size=5, is_pass_rows=16)
     torch.manual_seed(0)
     model = task.build_model()
-    estimator = _estimator(task)
+    estimator = _estimator(task, estimator_name)
     metrics = task.evaluate(model, estimator, "val")
     assert set(metrics) == {
         "neg_elbo", "rate", "distortion", "nll", "bits_per_dim", "decoder_calls", "decoder_calls_median"
@@ -421,19 +424,24 @@ def test_config_validators_name_the_bad_value(settings: dict[str, Any], message:
         BitVectorVAEConfig(**settings)
 
 
-def test_estimator_defaults_follow_the_papers_table() -> None:
+def test_paper_settings_follow_the_papers_table() -> None:
     cpu = torch.device("cpu")
 
-    def defaults(name: str, **config: Any) -> Any:
-        return BitVectorVAETask(BitVectorVAEConfig(**config), name, None, cpu).estimator_defaults()
+    def config(name: str, **values: Any) -> BitVectorVAEConfig:
+        return resolve_config(BitVectorVAETask, name, values)[0]
 
-    assert defaults("topksparse").lr == 2e-3 and dict(defaults("topksparse").estimator_config) == {"k": 10}
-    assert defaults("topksparse", bits=128).lr == 1e-3
-    assert defaults("sparsemap").batch_size == 64 and defaults("sparsemap", bits=128, budget=64).batch_size == 16
-    assert dict(defaults("stgumbel", bits=128).estimator_config) == {"decay_rate": 1e-5, "update_every": 1000}
-    assert dict(defaults("gumbel", bits=128).estimator_config) == {"decay_rate": 1e-4, "update_every": 1000}
-    assert defaults("nvil", bits=128).lr == 5e-4 and defaults("nvil").lr == 1e-3
-    assert all(defaults(name).entropy_coef == 1.0 for name in ("sfe", "sfe+", "nvil", "sparsemap"))
-    task = BitVectorVAETask(BitVectorVAEConfig(bits=32, budget=16), "sparsemap", None, cpu)
+    def estimator_values(name: str, **values: Any) -> dict[str, Any]:
+        return resolve_config(BitVectorVAETask, name, values)[1]
+
+    assert config("topksparse").lr == 2e-3 and estimator_values("topksparse") == {"k": 10}
+    assert config("topksparse", bits=128).lr == 1e-3
+    assert config("sparsemap").batch_size == 64 and config("sparsemap", bits=128, budget=64).batch_size == 16
+    assert estimator_values("stgumbel", bits=128) == {"decay_rate": 1e-5, "update_every": 1000}
+    assert estimator_values("gumbel", bits=128) == {"decay_rate": 1e-4, "update_every": 1000}
+    assert config("nvil", bits=128).lr == 5e-4 and config("nvil").lr == 1e-3
+    assert all(config(name).entropy_coef == 1.0 for name in ("sfe", "sfe+", "nvil", "sparsemap"))
+    assert config("sparsemap", bits=128, batch_size=32).batch_size == 32  # the user's value wins
+    assert (config("plugin").lr, estimator_values("plugin")) == (1e-3, {})  # outside the paper's table
+    task = BitVectorVAETask(BitVectorVAEConfig(bits=32, budget=16), None, cpu)
     assert task.latent_space() == BitVector(32, 16)
     assert task.encoder_input_dim() == PIXELS and BitVectorVAETask.default_epochs == 100

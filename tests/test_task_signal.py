@@ -36,6 +36,7 @@ from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.score_function import SFE
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.models.signal import SignalGameModel, _CoordinateNetwork
+from lvzoo.tasks.base import resolve_config
 from lvzoo.tasks.data import DATASETS, load_images
 from lvzoo.tasks.signal import TEST_GAMES, VAL_GAMES, GameBatch, SignalGameConfig, SignalGameTask
 from lvzoo.tasks.signal_data import (
@@ -88,8 +89,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _task(data_root: Path, estimator: str = "sparsemax", **overrides: Any) -> SignalGameTask:
-    config = SignalGameConfig(**{"batch_size": 32, "eval_limit": 256, **SMALL, **overrides})
-    return SignalGameTask(config, estimator, data_root, CPU)
+    """The task configured for ``estimator`` as the runner resolves it (paper settings, then ``overrides``)."""
+    config, _ = resolve_config(SignalGameTask, estimator, {"batch_size": 32, "eval_limit": 256, **SMALL, **overrides})
+    return SignalGameTask(config, data_root, CPU)
 
 
 def _batch(task: SignalGameTask, seed: int = 0) -> GameBatch:
@@ -129,10 +131,7 @@ def test_vgg_feature_loader_reads_h5_and_pickle(tmp_path: Path) -> None:
     expected = torch.from_numpy(features[[0, 3]])
     torch.testing.assert_close(looked_up[0], expected / expected.norm(dim=-1, keepdim=True))
     task = SignalGameTask(
-        SignalGameConfig(features=str(tmp_path), num_candidates=3, batch_size=4, eval_limit=8, **SMALL),
-        "sparsemax",
-        None,
-        CPU,
+        SignalGameConfig(features=str(tmp_path), num_candidates=3, batch_size=4, eval_limit=8, **SMALL), None, CPU
     )
     assert task.encoder_input_dim() == 12
     batch = _batch(task)
@@ -363,7 +362,7 @@ def test_sparsemax_training_beats_chance(data_root: Path) -> None:
     task = _task(data_root, eval_limit=512, entropy_coef=0.05)
     model = _model(task)
     estimator = SparsemaxMarginal(task.latent_space())
-    optimizer = torch.optim.Adam(model.parameters(), lr=task.estimator_defaults().lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=task.config.lr)
     assert task.steps_per_epoch() == 200
     for batch in task.train_batches(torch.Generator().manual_seed(0)):
         output = task.train_step(model, estimator, batch)
@@ -457,19 +456,21 @@ def test_more_candidates_than_concepts_is_refused(data_root: Path) -> None:
         _task(data_root, num_candidates=21).splits()
 
 
-def test_estimator_defaults_follow_the_paper(data_root: Path) -> None:
-    def defaults(name: str) -> tuple[float, float, int]:
-        d = _task(data_root, estimator=name).estimator_defaults()
-        return d.lr, d.entropy_coef, d.batch_size
+def test_paper_settings_follow_the_paper() -> None:
+    def settings(name: str) -> tuple[float, float, int]:
+        config, _ = resolve_config(SignalGameTask, name)
+        return config.lr, config.entropy_coef, config.batch_size
 
-    assert defaults("sparsemax") == (5e-3, 0.1, 64)
-    assert defaults("sfe") == (1e-3, 0.05, 64)
-    assert defaults("nvil") == (1e-3, 0.1, 64)
-    assert defaults("entmax15") == (1e-3, 0.1, 64)
-    gumbel = _task(data_root, estimator="stgumbel").estimator_defaults()
+    assert settings("sparsemax") == (5e-3, 0.1, 64)
+    assert settings("sfe") == (1e-3, 0.05, 64)
+    assert settings("nvil") == (1e-3, 0.1, 64)
+    assert settings("entmax15") == (1e-3, 0.1, 64)
+    gumbel, schedule_values = resolve_config(SignalGameTask, "stgumbel")
     assert (gumbel.lr, gumbel.entropy_coef) == (1e-3, 0.01)
-    schedule = GumbelConfig(**gumbel.estimator_config)
+    schedule = GumbelConfig(**schedule_values)
     assert (schedule.decay_rate, schedule.update_every) == (1e-5, 1000)
+    # the user's values win over the table
+    assert resolve_config(SignalGameTask, "sparsemax", {"lr": 0.02})[0].lr == 0.02
 
 
 def test_registered_task_and_model(data_root: Path) -> None:

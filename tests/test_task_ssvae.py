@@ -25,6 +25,7 @@ from lvzoo.estimators.base import (
 from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.models.ssvae import SSVAEModel
+from lvzoo.tasks.base import resolve_config
 from lvzoo.tasks.data import load_images, load_ssvae_splits
 from lvzoo.tasks.ssvae import SSVAEBatch, SSVAEConfig, SSVAETask, split_indices
 from tests.datasets import shared_or_random_root, write_random_datasets
@@ -43,13 +44,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_task(data_dir: Path, estimator_name: str = "softmax", **overrides: Any) -> SSVAETask:
-    return SSVAETask(SSVAEConfig(**{**SMALL, **overrides}), estimator_name, data_dir, CPU)
+    """The task configured for ``estimator_name`` as the runner resolves it (paper settings, then ``overrides``)."""
+    config, _ = resolve_config(SSVAETask, estimator_name, {**SMALL, **overrides})
+    return SSVAETask(config, data_dir, CPU)
 
 
-def load_estimator(task: SSVAETask) -> Estimator[Any]:
-    """The registered estimator of ``task.estimator_name`` with the task's default estimator config."""
-    cls = registry.estimators.load(task.estimator_name)
-    config = cls.config_class(**task.estimator_defaults().estimator_config)
+def load_estimator(task: SSVAETask, name: str) -> Estimator[Any]:
+    """The registered estimator ``name`` with the task's paper estimator config."""
+    cls = registry.estimators.load(name)
+    config = cls.config_class(**SSVAETask.paper_settings(name, task.config).estimator)
     estimator: Estimator[Any] = cls(task.latent_space(), config, input_dim=task.encoder_input_dim())
     return estimator
 
@@ -143,7 +146,7 @@ def test_split_files_are_used_when_present(data_dir: Path, tmp_path: Path) -> No
     with pytest.raises(ValueError, match="indexes image"):
         split_indices(num_train - 1, root, split_seed=0)
     # the task takes its images and labels at exactly those indices
-    task = SSVAETask(SSVAEConfig(eval_limit=20), "softmax", root, CPU)
+    task = SSVAETask(SSVAEConfig(eval_limit=20), root, CPU)
     train_images, train_labels = load_images("MNIST", "train", root)
     flat = train_images.reshape(num_train, -1)
     labelled, unlabelled, validation = splits
@@ -155,7 +158,7 @@ def test_split_files_are_used_when_present(data_dir: Path, tmp_path: Path) -> No
 
 def test_generated_data_uses_a_seeded_split(tmp_path: Path) -> None:
     write_random_datasets(tmp_path, {"MNIST": (240, 30)})
-    task = SSVAETask(SSVAEConfig(), "softmax", tmp_path, CPU)
+    task = SSVAETask(SSVAEConfig(), tmp_path, CPU)
     data = task.data
     assert (data.labelled_labels.numel(), data.unlabelled_images.shape[0], data.val_labels.numel()) == (20, 180, 40)
     assert data.test_labels.numel() == 30
@@ -264,7 +267,7 @@ def test_training_steps_reduce_the_loss_of_a_fixed_batch(data_dir: Path) -> None
 )
 def test_every_parameter_gets_a_finite_gradient(data_dir: Path, estimator_name: str) -> None:
     task = make_task(data_dir, estimator_name)
-    estimator = load_estimator(task)
+    estimator = load_estimator(task, estimator_name)
     torch.manual_seed(5)
     model = task.build_model()
     output = task.train_step(model, estimator, first_batch(task))
@@ -280,7 +283,7 @@ def test_every_parameter_gets_a_finite_gradient(data_dir: Path, estimator_name: 
 
 def test_warm_start_checkpoint_round_trip(data_dir: Path, tmp_path: Path) -> None:
     warm = make_task(data_dir, "sfe", labelled_only=True)
-    assert warm.estimator_defaults().lr == 1e-3
+    assert warm.config.lr == 1e-3
     assert warm.steps_per_epoch() == math.ceil(warm.data.labelled_labels.shape[0] / 32)
     torch.manual_seed(6)
     model = warm.build_model()
@@ -308,7 +311,7 @@ def test_warm_start_checkpoint_round_trip(data_dir: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize("estimator_name", ["softmax", "sparsemax"])
 def test_evaluate_metrics(data_dir: Path, estimator_name: str) -> None:
     task = make_task(data_dir, estimator_name, eval_batch_size=50)
-    estimator = load_estimator(task)
+    estimator = load_estimator(task, estimator_name)
     torch.manual_seed(7)
     model = task.build_model()
     metrics = task.evaluate(model, estimator, "val")
@@ -325,7 +328,7 @@ def test_evaluate_metrics(data_dir: Path, estimator_name: str) -> None:
 
 def test_monte_carlo_estimators_are_evaluated_under_the_dense_softmax(data_dir: Path) -> None:
     task = make_task(data_dir, "sfe")  # one evaluation batch: the seeded noise matches the softmax run
-    estimator = load_estimator(task)
+    estimator = load_estimator(task, "sfe")
     torch.manual_seed(8)
     model = task.build_model()
     state = {name: value.clone() for name, value in estimator.state_dict().items()}
@@ -357,21 +360,22 @@ def test_a_plugin_marginalizing_estimator_is_evaluated_under_its_own_distributio
     assert metrics["neg_elbo"] != pytest.approx(softmax["neg_elbo"], rel=1e-3)
 
 
-def test_estimator_defaults_follow_the_paper(data_dir: Path) -> None:
+def test_paper_settings_follow_the_paper() -> None:
     expected = {"sfe": 1e-4, "sfe+": 1e-4, "nvil": 1e-3, "sumsample": 1e-3, "gumbel": 1e-3, "stgumbel": 1e-3}
     expected |= {"softmax": 1e-3, "sparsemax": 5e-4, "entmax15": 1e-3, "rloo": 1e-3}
     for name, lr in expected.items():
-        defaults = make_task(data_dir, name).estimator_defaults()
-        assert (defaults.lr, defaults.batch_size, defaults.entropy_coef) == (lr, 64, 1.0), name
-    assert make_task(data_dir, "stgumbel").estimator_defaults().estimator_config == {
-        "decay_rate": 1e-4,
-        "update_every": 1000,
-    }
-    assert make_task(data_dir, "sfe").estimator_defaults().estimator_config == {}
+        config, _ = resolve_config(SSVAETask, name)
+        assert (config.lr, config.batch_size, config.entropy_coef) == (lr, 64, 1.0), name
+        assert config.classification_loss == ("sparsemax" if name == "sparsemax" else "nll"), name
+        warm, _ = resolve_config(SSVAETask, name, {"labelled_only": True})
+        assert warm.lr == 1e-3, name  # the warm start's lr for every estimator
+    assert resolve_config(SSVAETask, "stgumbel")[1] == {"decay_rate": 1e-4, "update_every": 1000}
+    assert resolve_config(SSVAETask, "sfe")[1] == {}
     assert SSVAETask.default_epochs == 200
-    unset = SSVAETask(SSVAEConfig(), "softmax", data_dir, CPU)
-    assert (unset.batch_size, unset.entropy_coef) == (64, 1.0)
-    assert make_task(data_dir, entropy_coef=0.0).entropy_coef == 0.0
+    unset = SSVAEConfig()
+    assert (unset.batch_size, unset.entropy_coef, unset.classification_loss) == (64, 1.0, "nll")
+    assert resolve_config(SSVAETask, "softmax", {"entropy_coef": 0.0})[0].entropy_coef == 0.0
+    assert resolve_config(SSVAETask, "sparsemax", {"classification_loss": "nll"})[0].classification_loss == "nll"
 
 
 def test_save_artifacts_writes_a_png(data_dir: Path, tmp_path: Path) -> None:
@@ -388,10 +392,10 @@ def test_save_artifacts_writes_a_png(data_dir: Path, tmp_path: Path) -> None:
         ("classifier_hidden", True, "classifier_hidden must be an int >= 1"),
         ("labelled_only", "yes", "labelled_only must be True or False"),
         ("init_checkpoint", "", "init_checkpoint must be a non-empty path"),
-        ("classification_loss", "hinge", "classification_loss must be one of auto, nll, sparsemax"),
+        ("classification_loss", "hinge", "classification_loss must be one of nll, sparsemax"),
         ("split_seed", -1, "split_seed must be an int >= 0"),
         ("eval_batch_size", 0, "eval_batch_size must be an int >= 1"),
-        ("batch_size", 0, "batch_size must be None or an int >= 1"),
+        ("batch_size", 0, "batch_size must be an int >= 1"),
     ],
 )
 def test_config_validators(field: str, value: Any, message: str) -> None:
