@@ -54,7 +54,9 @@ from lvzoo.tasks.base import Task, TaskConfig
 #: Read loss/support from the device for the progress bar only every this many steps.
 POSTFIX_EVERY = 20
 RUN_DIR_TAG = "lvzoo.run_dir"
-CHECKPOINT_FORMAT = 1
+#: Version of the checkpoint layout. 2: resolved configs (no ``None`` for the paper's values), per-epoch support
+#: statistics. Older checkpoints are refused with a one-line error naming their format.
+CHECKPOINT_FORMAT = 2
 
 TaskSpec = str | type[Task[Any]] | Task[Any]
 EstimatorSpec = str | type[Estimator[Any]]
@@ -267,6 +269,12 @@ def _plan_from_checkpoint(
     data_dir: Path | None,
 ) -> _Plan:
     """Rebuild the plan a checkpoint was trained with (given task/estimator must match it)."""
+    found = state.get("format")
+    if found != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"checkpoint format {found!r} is not supported: this lvzoo {lvzoo.__version__} reads format "
+            f"{CHECKPOINT_FORMAT} (retrain, or resume with the lvzoo version that wrote it)"
+        )
     task_cls = _resolve_task(task)[0] if task is not None else _stored_class(state["task"], registry.tasks)
     estimator_cls = (
         _resolve_estimator(estimator)[0]

@@ -240,6 +240,17 @@ def test_checkpoint_holds_the_full_training_state(reference: TrainResult) -> Non
     assert state["test_metrics"] == reference.test_metrics
 
 
+def test_checkpoint_of_an_older_format_is_refused_with_one_line(reference: TrainResult, tmp_path: Path) -> None:
+    state = ckpt.load(reference.checkpoint)
+    assert state["format"] == 2 and state["support_per_epoch"][0]["support_median"] == NUM_CODES
+    state["format"] = 1  # the layout before resolved configs
+    old = tmp_path / ckpt.CHECKPOINT_NAME
+    ckpt.save_atomic(state, old)
+    for args in (["eval", str(old)], ["--resume", str(tmp_path)]):
+        line = error_line(invoke(args))
+        assert "checkpoint format 1 is not supported" in line and "reads format 2" in line, args
+
+
 # --- determinism and resume -----------------------------------------------------------------------------------------
 
 
