@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     for task in args.task or registry.tasks.names():
         task_cls = registry.tasks.load(task)
-        space = task_cls(task_cls.config_class(**overrides), "sfe", args.data_dir, device).latent_space()
+        space = task_cls(task_cls.config_class(**overrides), args.data_dir, device).latent_space()
         names = args.estimator or compatible_estimators(space)
         for name in names:
             row = measure(task, name, overrides, device, args.rounds, args.data_dir)

@@ -159,8 +159,10 @@ class GameLoss:
         self._all_log_probs: Tensor | None = None
 
     def all_log_probs(self) -> Tensor:
-        """``log p(c | candidates_b, symbol v)``, ``[B, V, C]`` (computed on first use, then reused)."""
-        if self._all_log_probs is None:
+        """``log p(c | candidates_b, symbol v)``, ``[B, V, C]`` (computed on first use, then reused; a value computed
+        without gradients is recomputed when gradients are enabled)."""
+        stale = self._all_log_probs is not None and torch.is_grad_enabled() and not self._all_log_probs.requires_grad
+        if self._all_log_probs is None or stale:
             logits = self.receiver.all_symbol_logits(self.candidate_embeddings)
             self._all_log_probs = F.log_softmax(logits, dim=-1)
         return self._all_log_probs

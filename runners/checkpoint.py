@@ -1,21 +1,30 @@
 """Checkpoints: atomic writes and the complete RNG state, so a resumed run continues bit-for-bit.
 
 A checkpoint is a plain dict saved with :func:`torch.save` and loadable with ``weights_only=True`` (only
-tensors, numbers, strings, lists, tuples and dicts). It holds the model, optimizer and estimator state dicts,
-progress counters, every RNG state and the resolved configuration.
+tensors, numbers, strings, lists, tuples and dicts). Its top level holds the run plan's dict
+(:meth:`lvzoo.runners.plan.RunPlan.to_dict`), ``format``, ``run_id``, ``tracking_uri`` and ``run_dir``, the
+model, estimator and optimizer state dicts, every RNG state (``rng``), the training position
+(:class:`lvzoo.runners.trainer.TrainState`), ``finished`` and, once finished, ``test_metrics``.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import lvzoo
+from lvzoo.runners.config import ConfigError
+
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Version of the checkpoint layout. 2: resolved configs (no ``None`` for the paper's values), per-epoch support
+#: statistics. Older checkpoints are refused with a one-line error naming their format.
+CHECKPOINT_FORMAT = 2
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -33,6 +42,16 @@ def load(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]
     """Load a checkpoint written by :func:`save_atomic` (safe ``weights_only`` unpickling)."""
     state: dict[str, Any] = torch.load(path, map_location=map_location, weights_only=True)
     return state
+
+
+def check_format(state: Mapping[str, Any]) -> None:
+    """Refuse, in one line, a checkpoint whose ``format`` is not :data:`CHECKPOINT_FORMAT`."""
+    found = state.get("format")
+    if found != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"checkpoint format {found!r} is not supported: this lvzoo {lvzoo.__version__} reads format "
+            f"{CHECKPOINT_FORMAT} (retrain, or resume with the lvzoo version that wrote it)"
+        )
 
 
 def capture_rng(shuffle_generator: torch.Generator) -> dict[str, Any]:

@@ -18,7 +18,9 @@ import click
 from lvzoo import registry
 from lvzoo.estimators.base import describe_config
 from lvzoo.runners.config import ConfigError, one_line, parse_assignments
-from lvzoo.runners.loop import Split, TerminatedError, evaluate_checkpoint, train
+from lvzoo.runners.process import TerminatedError
+from lvzoo.runners.run import evaluate_checkpoint, train
+from lvzoo.runners.trainer import Split
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -252,24 +254,26 @@ def reproduce_command(
 
     Exits 1 (after writing the report) when any run failed.
     """
-    from lvzoo.runners import reproduce
+    from lvzoo.runners.reproduce_plan import parse_seeds, plan_reproduction
+    from lvzoo.runners.reproduce_report import render_report, report_from_mlflow
+    from lvzoo.runners.reproduce_run import run_reproduction
 
     try:
         if report_only is not None:
-            report = reproduce.report_from_mlflow(report_only, tracking_uri, task_name)
+            report = report_from_mlflow(report_only, tracking_uri, task_name)
         else:
             if task_name is None:
                 raise _OneLineError("--task is required (or --report-only ID)")
-            plan = reproduce.plan_reproduction(
+            plan = plan_reproduction(
                 task_name,
                 None if estimators is None else [name.strip() for name in estimators.split(",") if name.strip()],
                 parse_assignments(assignments),
                 epochs=epochs,
-                seeds=None if seeds_text is None else reproduce.parse_seeds(seeds_text),
+                seeds=None if seeds_text is None else parse_seeds(seeds_text),
                 device=device,
                 data_dir=data_dir.resolve() if data_dir is not None else None,
             )
-            report = reproduce.run_reproduction(
+            report = run_reproduction(
                 plan, jobs=jobs, tracking_uri=tracking_uri, echo=lambda line: click.echo(line, err=True)
             )
     except ConfigError as exc:
@@ -277,7 +281,7 @@ def reproduce_command(
     except KeyboardInterrupt as exc:
         click.echo(f"interrupted: {type(exc).__name__}; running runs are marked KILLED", err=True)
         sys.exit(_interrupt_exit(exc))
-    text = reproduce.render_report(report)
+    text = render_report(report)
     path = out if out is not None else Path.cwd() / f"reproduce-{report.reproduce_id}.md"
     path.write_text(text)
     click.echo(text)

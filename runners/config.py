@@ -188,9 +188,3 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     values: dict[str, Any] = attrs.asdict(config, recurse=True)
     return values
 
-
-def flatten_params(task_config: Any, estimator_config: Any) -> dict[str, str]:
-    """``{"task.<field>": str(value), "estimator.<field>": str(value)}`` for tracking."""
-    params = {TASK_PREFIX + key: str(value) for key, value in config_to_dict(task_config).items()}
-    params.update({ESTIMATOR_PREFIX + key: str(value) for key, value in config_to_dict(estimator_config).items()})
-    return params

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+#: Tag holding a run's run dir (where its checkpoint is), so ``--resume RUN_ID`` can find the checkpoint.
+RUN_DIR_TAG = "lvzoo.run_dir"
 #: MLflow accepts at most this many params / metrics per ``log_batch`` call.
 _BATCH_LIMIT = 100
 

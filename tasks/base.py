@@ -17,11 +17,12 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import attrs
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lvzoo.estimators.base import Estimator
 from lvzoo.estimators.spaces import LatentSpace
 from lvzoo.estimators.validators import finite_number, optional, positive_int, positive_number
+from lvzoo.tasks.objective import BatchObjective, StepOutput, latent_step
 
 
 @attrs.frozen
@@ -45,15 +46,6 @@ class PaperSettings:
 
     task: Mapping[str, Any] = attrs.field(factory=dict)
     estimator: Mapping[str, Any] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class StepOutput:
-    """One training step: ``loss`` (scalar, to backpropagate), detached scalar ``metrics`` and ``support [B]``."""
-
-    loss: Tensor
-    metrics: Mapping[str, Tensor]
-    support: Tensor
 
 
 TC = TypeVar("TC", bound=TaskConfig)
@@ -106,8 +98,13 @@ class Task(abc.ABC, Generic[TC]):
         """Number of batches :meth:`train_batches` yields."""
 
     @abc.abstractmethod
+    def objective(self, model: nn.Module, batch: Any) -> BatchObjective:
+        """The problem of one training batch (:class:`~lvzoo.tasks.objective.BatchObjective`)."""
+
     def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: Any) -> StepOutput:
-        """Loss of one batch, its metrics and the decoder rows used per example."""
+        """Loss of one batch, its metrics and the decoder rows used per example: the shared objective
+        (:func:`~lvzoo.tasks.objective.latent_step`) of :meth:`objective` with ``config.entropy_coef``."""
+        return latent_step(self.objective(model, batch), estimator, self.config.entropy_coef)
 
     @abc.abstractmethod
     def evaluate(

@@ -31,7 +31,8 @@ from lvzoo.estimators.base import Estimator, exact_distribution, marginalize
 from lvzoo.estimators.spaces import Categorical, LatentSpace
 from lvzoo.estimators.validators import int_at_least, number_in
 from lvzoo.models.signal import TRAINING_LOSSES, GameLoss, SignalGameModel, TrainingLoss
-from lvzoo.tasks.base import PaperSettings, StepOutput, Task, TaskConfig
+from lvzoo.tasks.base import PaperSettings, Task, TaskConfig
+from lvzoo.tasks.objective import BatchObjective, LatentProblem, evaluation_mode
 from lvzoo.tasks.signal_data import (
     MNIST_FASHION_RELU,
     OFFLINE_SOURCES,
@@ -209,24 +210,15 @@ class SignalGameTask(Task[SignalGameConfig]):
         candidate_embeddings = model.receiver.embed_candidates(batch.candidates)
         return model.game_loss(candidate_embeddings, batch.target, self.config.loss)
 
-    def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: GameBatch) -> StepOutput:
-        """Loss ``mean(surrogate) - entropy_coef * mean(entropy)``; metrics loss, success, support_mean, entropy."""
+    def objective(self, model: nn.Module, batch: GameBatch) -> BatchObjective:
+        """The sender's scores of the targets and the game loss (``mean(surrogate) - entropy_coef * mean(entropy)``
+        in the shared objective); metric ``success`` (the greedy game of this batch)."""
         assert isinstance(model, SignalGameModel)
         target_features = batch.target_features()
         scores = model(target_features)
         game_loss = self._game_loss(model, batch)
-        result = estimator(scores, game_loss, target_features)
-        entropy = result.entropy.mean()
-        loss = result.surrogate.mean() - self.config.entropy_coef * entropy
-        with torch.no_grad():
-            success = model.greedy_success(scores, game_loss).mean()
-        metrics = {
-            "loss": result.objective.mean(),
-            "success": success,
-            "support_mean": result.support.float().mean(),
-            "entropy": entropy.detach(),
-        }
-        return StepOutput(loss=loss, metrics=metrics, support=result.support)
+        success = model.greedy_success(scores.detach(), game_loss).mean()  # reads the logits the estimator reuses
+        return BatchObjective(LatentProblem(scores, game_loss, target_features), metrics={"success": success})
 
     def evaluate(
         self, model: nn.Module, estimator: Estimator[Any], split: Literal["val", "test"], final: bool = False
@@ -240,18 +232,11 @@ class SignalGameTask(Task[SignalGameConfig]):
         images, games = (
             (splits.train_images, splits.val_games) if split == "val" else (splits.test_images, splits.test_games)
         )
-        modes = (model.training, estimator.training)
-        model.eval()
-        estimator.eval()
         sums: dict[str, Tensor] = {}
-        try:
-            with torch.no_grad():
-                for batch in self._batches(images, games):
-                    for name, values in self._eval_batch(model, estimator, batch).items():
-                        sums[name] = sums.get(name, values.new_zeros(())) + values.sum()
-        finally:
-            model.train(modes[0])
-            estimator.train(modes[1])
+        with evaluation_mode(model, estimator):
+            for batch in self._batches(images, games):
+                for name, values in self._eval_batch(model, estimator, batch).items():
+                    sums[name] = sums.get(name, values.new_zeros(())) + values.sum()
         return {name: float(total) / len(games) for name, total in sums.items()}
 
     def _eval_batch(self, model: SignalGameModel, estimator: Estimator[Any], batch: GameBatch) -> dict[str, Tensor]:

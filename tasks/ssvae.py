@@ -53,7 +53,6 @@ the same model agree. ``final`` changes nothing: the test protocol is the same a
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -65,13 +64,15 @@ from entmax import sparsemax_loss
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn, exact_distribution, marginalize
+from lvzoo.estimators.base import Estimator, LossFn, exact_distribution, marginalize
 from lvzoo.estimators.marginal import all_rows
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.estimators.validators import non_negative_int, one_of, positive_int
 from lvzoo.models.ssvae import IMAGE_PIXELS, SSVAEModel
-from lvzoo.tasks.base import PaperSettings, StepOutput, Task, TaskConfig
-from lvzoo.tasks.data import binarize, find_root, load_images, load_ssvae_splits, minibatch_indices
+from lvzoo.tasks.base import PaperSettings, Task, TaskConfig
+from lvzoo.tasks.data import binarize, minibatch_indices
+from lvzoo.tasks.objective import BatchObjective, LatentProblem, LatentTerms, evaluation_mode
+from lvzoo.tasks.ssvae_data import SSVAEData, load_model_state, load_ssvae_data
 
 NUM_CLASSES = 10
 
@@ -141,19 +142,6 @@ class SSVAEBatch:
 
 
 @attrs.frozen
-class SSVAEData:
-    """uint8 images ``[N, P]`` and int64 labels ``[N]`` of each split, on the task's device."""
-
-    labelled_images: Tensor
-    labelled_labels: Tensor
-    unlabelled_images: Tensor
-    val_images: Tensor
-    val_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
-
-
-@attrs.frozen
 class LabelledTerms:
     """Per-example labelled terms ``[B_l]``: the -ELBO of ``log p(x, y)`` and the classification loss;
     ``scores [B_l, K]``."""
@@ -163,46 +151,8 @@ class LabelledTerms:
     scores: Tensor
 
 
-@attrs.frozen
-class UnlabelledTerms:
-    """Per-example unlabelled terms ``[B_u]``: the trained ``loss`` and the (detached) ``neg_elbo``; the
-    estimator's ``result``."""
-
-    loss: Tensor
-    neg_elbo: Tensor
-    result: EstimatorResult
-
-
-def load_model_state(path: Path) -> Mapping[str, Tensor]:
-    """The model state_dict in ``path``: the ``"model"`` entry of a runner checkpoint, or a bare state_dict."""
-    if not path.is_file():
-        raise FileNotFoundError(f"init_checkpoint {str(path)!r} does not exist")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"init_checkpoint {str(path)!r} is not a weights-only torch checkpoint: {exc}") from exc
-    state = saved.get("model", saved) if isinstance(saved, Mapping) else saved
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"init_checkpoint {str(path)!r} holds neither a state_dict nor a checkpoint with a 'model' state_dict"
-        )
-    return state
-
-
-def split_indices(num_train: int, data_root: Path, split_seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(labelled, unlabelled, validation)`` indices into the training images (see the module docstring)."""
-    if (data_root / "ssvae-splits").is_dir():
-        splits = load_ssvae_splits(data_root)
-        if splits is not None:
-            largest = max(int(s.max()) for s in splits)
-            if largest >= num_train:
-                raise ValueError(
-                    f"{data_root / 'ssvae-splits'} indexes image {largest}, but the training set has {num_train}"
-                )
-            return splits
-    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(split_seed))
-    num_labelled, num_val = num_train // 12, num_train // 6
-    return order[:num_labelled], order[num_labelled + num_val :], order[num_labelled : num_labelled + num_val]
+def _neg_elbo(terms: LatentTerms) -> dict[str, Tensor]:
+    return {"neg_elbo": terms.bound.mean()}
 
 
 class SSVAETask(Task[SSVAEConfig]):
@@ -259,7 +209,10 @@ class SSVAETask(Task[SSVAEConfig]):
     def data(self) -> SSVAEData:
         """The splits, loaded on first use."""
         if self._data is None:
-            self._data = self._load_data()
+            config = self.config
+            self._data = load_ssvae_data(
+                self.data_dir, config.split_seed, config.train_limit, config.eval_limit, self.device
+            )
         return self._data
 
     def train_batches(self, generator: torch.Generator) -> Iterator[SSVAEBatch]:
@@ -287,31 +240,22 @@ class SSVAETask(Task[SSVAEConfig]):
         count = data.labelled_labels.shape[0] if self.config.labelled_only else data.unlabelled_images.shape[0]
         return math.ceil(count / self.config.batch_size)
 
-    def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: SSVAEBatch) -> StepOutput:
-        """The loss of the module docstring; ``support [B_u]`` is the estimator's (``[B_l]`` ones when labelled
-        only: one decoder call per labelled image)."""
+    def objective(self, model: nn.Module, batch: SSVAEBatch) -> BatchObjective:
+        """The loss of the module docstring: the labelled loss, plus the unlabelled -ELBO (the latent part, weighted
+        by :meth:`unlabelled_weight`) unless labelled only (then one decoder call per labelled image)."""
         ssvae = self._check_model(model)
         labelled = self.labelled_terms(ssvae, batch.labelled_x, batch.labels)
         labelled_loss = (labelled.neg_elbo + labelled.classification).mean()
-        accuracy = (labelled.scores.argmax(-1) == batch.labels).float().mean()
         metrics: dict[str, Tensor] = {
             "labelled_loss": labelled_loss.detach(),
             "labelled_neg_elbo": labelled.neg_elbo.detach().mean(),
             "classification_loss": labelled.classification.detach().mean(),
-            "accuracy": accuracy.detach(),
+            "accuracy": (labelled.scores.argmax(-1) == batch.labels).float().mean().detach(),
         }
         if batch.unlabelled_x is None:
-            support = torch.ones_like(batch.labels)
-            loss = labelled_loss
-        else:
-            unlabelled = self.unlabelled_terms(ssvae, estimator, batch.unlabelled_x)
-            support = unlabelled.result.support
-            loss = labelled_loss + self.unlabelled_weight() * unlabelled.loss.mean()
-            metrics["neg_elbo"] = unlabelled.neg_elbo.mean()
-            metrics["entropy"] = unlabelled.result.entropy.detach().mean()
-        metrics["loss"] = loss.detach()
-        metrics["support_mean"] = support.float().mean()
-        return StepOutput(loss=loss, metrics=metrics, support=support)
+            return BatchObjective(None, labelled_loss, metrics, support=torch.ones_like(batch.labels))
+        latent = attrs.evolve(self.unlabelled_problem(ssvae, batch.unlabelled_x), weight=self.unlabelled_weight())
+        return BatchObjective(latent, labelled_loss, metrics, result_metrics=_neg_elbo)
 
     def evaluate(
         self, model: nn.Module, estimator: Estimator[Any], split: Literal["val", "test"], final: bool = False
@@ -327,27 +271,22 @@ class SSVAETask(Task[SSVAEConfig]):
             raise ValueError(f"unknown split {split!r}; accepted: val, test")
         generator = torch.Generator(device=self.device).manual_seed(self.config.eval_seed)
         saved_state = {name: value.clone() for name, value in estimator.state_dict().items()}
-        was_training = (ssvae.training, estimator.training)
-        ssvae.eval()
-        estimator.eval()
         correct = torch.zeros((), device=self.device)
         neg_elbo = torch.zeros((), device=self.device)
         decoder_calls = torch.zeros((), device=self.device)
-        with torch.no_grad():
+        with evaluation_mode(ssvae, estimator):
             for index in minibatch_indices(labels.shape[0], self.config.eval_batch_size, None, self.device):
                 x = binarize(images[index], generator)
                 scores = ssvae.classify(x)
                 correct += (scores.argmax(-1) == labels[index]).sum()
                 posterior = exact_distribution(estimator, scores)
-                under = posterior if posterior is not None else all_rows(torch.softmax(scores, -1), self.latent_space())
+                under = all_rows(torch.softmax(scores, -1), self.latent_space()) if posterior is None else posterior
                 result = marginalize(under, self.row_loss(ssvae, x, generator=generator))
                 neg_elbo += (result.objective + ssvae.log_num_classes() - result.entropy).sum()
                 if posterior is None:
                     result = estimator(scores, self.row_loss(ssvae, x, generator=generator), x)
                 decoder_calls += result.support.sum()
         estimator.load_state_dict(saved_state)
-        ssvae.train(was_training[0])
-        estimator.train(was_training[1])
         count = labels.shape[0]
         return {
             "accuracy": float(correct) / count,
@@ -396,21 +335,13 @@ class SSVAETask(Task[SSVAEConfig]):
 
         return loss_fn
 
-    def unlabelled_terms(
-        self,
-        model: SSVAEModel,
-        estimator: Estimator[Any],
-        x: Tensor,
-        *,
-        sample_h: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> UnlabelledTerms:
-        """The estimator run on unlabelled images ``x [B_u, P]``: trained loss and -ELBO, each ``[B_u]``."""
-        result = estimator(model.classify(x), self.row_loss(model, x, sample_h=sample_h, generator=generator), x)
-        log_k = model.log_num_classes()
-        loss = result.surrogate + log_k - self.config.entropy_coef * result.entropy
-        neg_elbo = result.objective + log_k - result.entropy.detach()
-        return UnlabelledTerms(loss=loss, neg_elbo=neg_elbo, result=result)
+    def unlabelled_problem(
+        self, model: SSVAEModel, x: Tensor, *, sample_h: bool = True, generator: torch.Generator | None = None
+    ) -> LatentProblem:
+        """The latent part of unlabelled images ``x [B_u, P]``: classifier scores, :meth:`row_loss` and the prior
+        term ``log K`` (so that ``E[loss] + log K - H`` is the -ELBO)."""
+        loss_fn = self.row_loss(model, x, sample_h=sample_h, generator=generator)
+        return LatentProblem(model.classify(x), loss_fn, x, prior=model.log_num_classes())
 
     def labelled_terms(self, model: SSVAEModel, x: Tensor, labels: Tensor) -> LabelledTerms:
         """-ELBO with the known class and the classification loss for ``x [B_l, P]``, ``labels [B_l]``."""
@@ -439,31 +370,3 @@ class SSVAETask(Task[SSVAEConfig]):
         if not isinstance(model, SSVAEModel):
             raise TypeError(f"the ssvae task needs an SSVAEModel, got {type(model).__name__}")
         return model
-
-    def _load_data(self) -> SSVAEData:
-        root = find_root("MNIST", self.data_dir)
-        train_images, train_labels = load_images("MNIST", "train", root)
-        test_images, test_labels = load_images("MNIST", "test", root)
-        labelled, unlabelled, validation = split_indices(train_images.shape[0], root, self.config.split_seed)
-        limit = self.config.train_limit
-        total = labelled.shape[0] + unlabelled.shape[0]
-        if limit is not None and limit < total:
-            keep_labelled = max(1, round(limit * labelled.shape[0] / total))
-            labelled, unlabelled = labelled[:keep_labelled], unlabelled[: max(1, limit - keep_labelled)]
-        eval_limit = self.config.eval_limit
-        validation = validation[:eval_limit]
-        test_images, test_labels = test_images[:eval_limit], test_labels[:eval_limit]
-        flat = train_images.reshape(-1, IMAGE_PIXELS)
-
-        def on_device(t: Tensor) -> Tensor:
-            return t.to(self.device)
-
-        return SSVAEData(
-            labelled_images=on_device(flat[labelled]),
-            labelled_labels=on_device(train_labels[labelled]),
-            unlabelled_images=on_device(flat[unlabelled]),
-            val_images=on_device(flat[validation]),
-            val_labels=on_device(train_labels[validation]),
-            test_images=on_device(test_images.reshape(-1, IMAGE_PIXELS)),
-            test_labels=on_device(test_labels),
-        )

@@ -91,7 +91,7 @@ def toy_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib.metadata import EntryPoint, entry_points
 
     import lvzoo.registry
-    import lvzoo.runners.loop
+    import lvzoo.runners.plan
 
     def with_toys(group: str) -> list[EntryPoint]:
         found = list(entry_points(group=group))
@@ -101,4 +101,4 @@ def toy_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
         return found
 
     monkeypatch.setattr(lvzoo.registry, "entry_points", with_toys)
-    monkeypatch.setattr(lvzoo.runners.loop, "entry_points", with_toys)
+    monkeypatch.setattr(lvzoo.runners.plan, "entry_points", with_toys)

@@ -27,7 +27,8 @@ from lvzoo.estimators.base import (
 )
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 from lvzoo.estimators.validators import positive_number
-from lvzoo.tasks.base import PaperSettings, StepOutput, Task, TaskConfig
+from lvzoo.tasks.base import PaperSettings, Task, TaskConfig
+from lvzoo.tasks.objective import BatchObjective, LatentProblem, LatentTerms
 
 NUM_CODES = 3
 FEATURES = 4
@@ -105,16 +106,20 @@ class ToyTask(Task[ToyConfig]):
         for start in range(0, data.shape[0], batch_size):
             yield data[order[start : start + batch_size]].to(self.device)
 
-    def _objective(self, model: nn.Module, estimator: Estimator[Any], x: Tensor) -> EstimatorResult:
+    def _problem(self, model: nn.Module, x: Tensor) -> LatentProblem:
         toy = toy_model(model)
 
         def loss_fn(z_rows: Tensor, example_index: Tensor) -> Tensor:
             reconstruction: Tensor = toy.decoder(z_rows)
             return (reconstruction - x[example_index]).pow(2).sum(-1)
 
-        return estimator(toy.encoder(x), loss_fn, x)
+        return LatentProblem(toy.encoder(x), loss_fn, x)
 
-    def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: Tensor) -> StepOutput:
+    def _objective(self, model: nn.Module, estimator: Estimator[Any], x: Tensor) -> EstimatorResult:
+        problem = self._problem(model, x)
+        return estimator(problem.scores, problem.loss_fn, problem.encoder_input)
+
+    def objective(self, model: nn.Module, batch: Tensor) -> BatchObjective:
         self.steps_taken += 1
         if self.step_delay:
             time.sleep(self.step_delay)
@@ -128,18 +133,12 @@ class ToyTask(Task[ToyConfig]):
 
             os.kill(os.getpid(), signal.SIGTERM)
         x = batch + self.config.noise * torch.randn(batch.shape, device=batch.device)
-        result = self._objective(model, estimator, x)
-        loss = result.surrogate.mean() - self.config.entropy_coef * result.entropy.mean()
-        return StepOutput(
-            loss=loss,
-            # "loss" as the real tasks report it: the loop must not count it twice
-            metrics={
-                "loss": loss.detach(),
-                "objective": result.objective.mean(),
-                "entropy": result.entropy.detach().mean(),
-            },
-            support=result.support,
-        )
+
+        def metrics(terms: LatentTerms) -> dict[str, Tensor]:
+            # "loss" as a task may report it: the loop must not count it twice
+            return {"loss": terms.loss.detach().mean(), "objective": terms.result.objective.mean()}
+
+        return BatchObjective(self._problem(model, x), result_metrics=metrics)
 
     def evaluate(
         self, model: nn.Module, estimator: Estimator[Any], split: Literal["val", "test"], final: bool = False

@@ -71,7 +71,7 @@ def train_game(data_dir: Path, seed: int, steps: int = STEPS) -> GameRun:
         optimizer.zero_grad()
         torch.autograd.backward(output.loss)
         optimizer.step()
-        supports.append(float(output.metrics["support_mean"]))
+        supports.append(float(output.support.float().mean()))
     return GameRun(sum(supports[:50]) / 50, sum(supports[-50:]) / 50, task.evaluate(model, estimator, "val"))
 
 

@@ -24,11 +24,12 @@ from mlflow.tracking import MlflowClient
 from torch import Tensor
 
 import lvzoo.registry
-import lvzoo.runners.loop
+import lvzoo.runners.plan
 from lvzoo.estimators.base import EstimatorResult, LossFn
 from lvzoo.runners import ConfigError
 from lvzoo.runners.cli import main
-from lvzoo.runners.reproduce import LABEL_TAG, REPRODUCE_TAG, SEED_TAG, format_cell, parse_seeds, plan_reproduction
+from lvzoo.runners.reproduce_plan import parse_seeds, plan_reproduction
+from lvzoo.runners.reproduce_report import LABEL_TAG, REPRODUCE_TAG, SEED_TAG, format_cell
 from tests.conftest import TOY_ENTRY_POINTS, MlflowStore
 from tests.runner_toy import TemperedSoftmax, ToyTask
 
@@ -70,7 +71,7 @@ def _patch_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
         return found
 
     monkeypatch.setattr(lvzoo.registry, "entry_points", with_toys)
-    monkeypatch.setattr(lvzoo.runners.loop, "entry_points", with_toys)
+    monkeypatch.setattr(lvzoo.runners.plan, "entry_points", with_toys)
 
 
 @pytest.fixture

@@ -21,7 +21,10 @@ from torch import nn
 
 from lvzoo.runners import ConfigError, TerminatedError, TrainResult, evaluate_checkpoint, train
 from lvzoo.runners import checkpoint as ckpt
+from lvzoo.runners.callbacks import Callback
 from lvzoo.runners.config import parse_value, split_overrides
+from lvzoo.runners.plan import RunPlan, plan_run
+from lvzoo.runners.trainer import Trainer, build
 from tests.conftest import MlflowStore
 from tests.interrupts import sigkill_once_file_exists
 from tests.runner_cli import error_line, invoke, printed_run_id
@@ -220,7 +223,7 @@ def test_run_logs_params_metrics_tags_artifacts(reference: TrainResult, mlflow_s
     assert [a.path for a in client.list_artifacts(reference.run_id, "task")] == ["task/decoder_weight.txt"]
     local = Path(client.download_artifacts(reference.run_id, "config.json", str(reference.run_dir / "download")))
     config = json.loads(local.read_text())
-    assert config["task_config"]["hidden"] == [8] and config["estimator_config"] == {"temperature": 1.0}
+    assert config["task"]["config"]["hidden"] == [8] and config["estimator"]["config"] == {"temperature": 1.0}
     assert run.info.artifact_uri.startswith((mlflow_store.root / "mlruns").as_uri())
 
 
@@ -238,6 +241,71 @@ def test_checkpoint_holds_the_full_training_state(reference: TrainResult) -> Non
     for name, value in reference.model.state_dict().items():
         assert torch.equal(state["model"][name], value), name
     assert state["test_metrics"] == reference.test_metrics
+
+
+def test_checkpoint_config_json_and_params_are_one_plan_serialization(
+    reference: TrainResult, mlflow_store: MlflowStore
+) -> None:
+    state = ckpt.load(reference.checkpoint)
+    plan = RunPlan.from_dict(state)
+    assert plan.task_cls is ToyTask and plan.estimator_cls is TemperedSoftmax and plan.epochs == EPOCHS
+    assert {key: state[key] for key in plan.to_dict()} == plan.to_dict()
+    config = json.loads((reference.run_dir / "config.json").read_text())
+    assert config == json.loads(json.dumps(plan.to_dict()))
+    assert RunPlan.from_dict(config) == plan  # JSON lists become tuples again
+    assert MlflowClient(mlflow_store.uri).get_run(reference.run_id).data.params == plan.to_params()
+
+
+class _Recorder(Callback):
+    """Records every hook call as ``(hook, argument)``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        super().on_train_begin(trainer)
+        self.calls.append(("train_begin", trainer.state.completed_epochs))
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        self.calls.append(("epoch_begin", epoch))
+
+    def on_batch_end(self, batch: int, loss: torch.Tensor, support: torch.Tensor) -> None:
+        assert not loss.requires_grad and support.shape == (16,)
+        self.calls.append(("batch_end", batch))
+
+    def on_validation_begin(self, epoch: int) -> None:
+        self.calls.append(("validation_begin", epoch))
+
+    def on_epoch_end(self, epoch: int, metrics: Any) -> None:
+        assert self.trainer.state.completed_epochs == epoch + 1 and "val_loss" in metrics
+        self.calls.append(("epoch_end", epoch))
+
+    def on_test_end(self, metrics: Any) -> None:
+        self.calls.append(("test_end", sorted(metrics)))
+
+    def on_train_end(self, metrics: Any) -> None:
+        self.calls.append(("train_end", sorted(metrics)))
+
+    def on_train_failed(self, error: BaseException) -> None:
+        self.calls.append(("train_failed", str(error)))
+
+
+def test_trainer_calls_the_hooks_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = plan_run(ToyTask, TemperedSoftmax, {}, epochs=2, seed=0, device="cpu", data_dir=None)
+    recorder = _Recorder()
+    Trainer(build(plan), plan.epochs, [recorder]).fit()
+    epoch = [("batch_end", batch) for batch in range(STEPS_PER_EPOCH)]
+    assert recorder.calls == [
+        ("train_begin", 0),
+        *[call for e in range(2) for call in [("epoch_begin", e), *epoch, ("validation_begin", e), ("epoch_end", e)]],
+        ("test_end", ["final_support", "loss"]),
+        ("train_end", ["final_support", "loss"]),
+    ]
+    monkeypatch.setattr(ToyTask, "crash_at_step", 2)
+    recorder = _Recorder()
+    with pytest.raises(RuntimeError, match="toy crash"):
+        Trainer(build(plan), plan.epochs, [recorder]).fit()
+    assert recorder.calls[-2:] == [("batch_end", 0), ("train_failed", "toy crash")]
 
 
 def test_checkpoint_of_an_older_format_is_refused_with_one_line(reference: TrainResult, tmp_path: Path) -> None:

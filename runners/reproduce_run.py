@@ -1,0 +1,290 @@
+"""Executing ``runner reproduce``: every (row, seed) as one ordinary tracked :func:`~lvzoo.runners.run.train` run in
+a pool of spawned worker processes, then the report built from MLflow.
+
+Workers are fresh ``spawn`` processes: they see only installed entry points. Plugins that the parent process
+resolved some other way (e.g. registered at run time) are handed to the workers as a temporary distribution
+whose ``entry_points.txt`` maps the same names to the same ``module:QualName`` classes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import suppress
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+import lvzoo
+from lvzoo import registry
+from lvzoo.runners.config import ConfigError, one_line
+from lvzoo.runners.plan import class_path
+from lvzoo.runners.process import TerminatedError, sigterm_raises
+from lvzoo.runners.reproduce_plan import Reproduction
+from lvzoo.runners.reproduce_report import (
+    BUDGET_TAG,
+    ERROR_TAG,
+    LABEL_TAG,
+    REPRODUCE_TAG,
+    SEED_TAG,
+    Budget,
+    Report,
+    RunRecord,
+    aggregate_rows,
+    count,
+    mlflow_client,
+    mlflow_records,
+)
+from lvzoo.runners.run import train
+from lvzoo.runners.tracking import MlflowTracker, default_tracking_uri, sqlite_artifact_location
+
+#: Longest error message kept in a tag or a table cell.
+MAX_ERROR_CHARS = 300
+_PLUGIN_DIST = "lvzoo_reproduce_runtime_plugins-0.dist-info"
+
+
+@attrs.frozen
+class _RunSpec:
+    """One run, as sent (pickled) to a worker process."""
+
+    task: str
+    label: str
+    estimator: str
+    seed: int
+    overrides: Mapping[str, Any]
+    epochs: int
+    device: str
+    data_dir: Path | None
+    tracking_uri: str
+    tags: Mapping[str, str]
+    plugins: tuple[tuple[str, str, str], ...]
+
+
+@attrs.frozen
+class _Outcome:
+    label: str
+    seed: int
+    run_id: str | None
+    error: str | None
+    seconds: float
+
+
+class _ReproduceTracker(MlflowTracker):
+    """An MLflow tracker that names the run ``<label>-<seed>`` and adds the reproduction tags at creation."""
+
+    def __init__(self, tracking_uri: str, run_name: str, tags: Mapping[str, str]) -> None:
+        super().__init__(tracking_uri)
+        self.run_name = run_name
+        self.extra_tags = dict(tags)
+        self.started: str | None = None
+
+    def start(self, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+        self.started = super().start(experiment, self.run_name, {**tags, **self.extra_tags})
+        return self.started
+
+
+def _init_worker(threads: int, plugin_dir: str | None) -> None:
+    """Worker initializer: torch intra-op threads, and the parent's run-time plugins on ``sys.path``."""
+    torch.set_num_threads(threads)
+    if plugin_dir is not None:
+        sys.path.append(plugin_dir)
+
+
+def _check_plugins(plugins: Iterable[tuple[str, str, str]]) -> None:
+    """Refuse to run when this process resolves a name to another class than the parent did."""
+    for group, name, target in plugins:
+        reg = registry.tasks if group == registry.tasks.group else registry.estimators
+        found = class_path(reg.load(name))
+        if found != target:
+            raise ConfigError(f"{reg.kind} {name!r} is {found} in the worker but {target} in the parent process")
+
+
+def _short_error(exc: BaseException) -> str:
+    return one_line(f"{type(exc).__name__}: {exc}")[:MAX_ERROR_CHARS]
+
+
+def _run_one(spec: _RunSpec) -> _Outcome:
+    """Train one run in a worker; failures come back as an error string (and an error tag on the run)."""
+    started = time.perf_counter()
+    tracker: _ReproduceTracker | None = None
+    try:
+        _check_plugins(spec.plugins)
+        tracker = _ReproduceTracker(spec.tracking_uri, f"{spec.label}-{spec.seed}", spec.tags)
+        result = train(
+            spec.task,
+            spec.estimator,
+            overrides=spec.overrides,
+            epochs=spec.epochs,
+            seed=spec.seed,
+            device=spec.device,
+            data_dir=spec.data_dir,
+            tracker=tracker,
+            progress=False,
+        )
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: train marked the run KILLED; take no further runs
+        os._exit(128 + (signal.SIGTERM if isinstance(exc, TerminatedError) else signal.SIGINT))
+    except Exception as exc:
+        error = _short_error(exc)
+        print(f"[reproduce] {spec.label} seed {spec.seed} failed:", file=sys.stderr)
+        traceback.print_exc()
+        run_id = tracker.started if tracker is not None else None
+        if tracker is not None and run_id is not None:
+            with suppress(Exception):
+                tracker.client.set_tag(run_id, ERROR_TAG, error)
+        return _Outcome(spec.label, spec.seed, run_id, error, time.perf_counter() - started)
+    return _Outcome(spec.label, spec.seed, result.run_id, None, time.perf_counter() - started)
+
+
+def _write_runtime_plugins(plugins: Sequence[tuple[str, str, str]], directory: Path) -> str | None:
+    """A ``*.dist-info`` folder in ``directory`` registering ``plugins``; returns ``directory`` (None if none)."""
+    if not plugins:
+        return None
+    dist = directory / _PLUGIN_DIST
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lvzoo-reproduce-runtime-plugins\nVersion: 0\n")
+    groups: dict[str, list[str]] = {}
+    for group, name, target in plugins:
+        groups.setdefault(group, []).append(f"{name} = {target}")
+    (dist / "entry_points.txt").write_text(
+        "".join(f"[{group}]\n" + "\n".join(lines) + "\n\n" for group, lines in groups.items())
+    )
+    return str(directory)
+
+
+def new_reproduce_id(task: str) -> str:
+    """``<task>-<YYYYmmdd-HHMMSS>-<6 hex>``."""
+    return f"{task}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _ensure_experiment(client: Any, tracking_uri: str, name: str) -> None:
+    """Create the experiment (and migrate a new store) before workers race to do it."""
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=sqlite_artifact_location(tracking_uri))
+
+
+def run_reproduction(
+    plan: Reproduction,
+    *,
+    jobs: int | None = None,
+    tracking_uri: str | None = None,
+    reproduce_id: str | None = None,
+    echo: Callable[[str], None] = lambda line: None,
+) -> Report:
+    """Train every (row, seed) of ``plan`` in ``min(jobs, runs)`` spawned workers and build the report from MLflow.
+
+    ``jobs`` defaults to ``os.cpu_count()``; each worker uses ``max(1, cores // workers)`` torch threads. ``echo``
+    receives one progress line per finished run. Failed runs do not raise: they are rows of the report.
+    """
+    uri = tracking_uri or default_tracking_uri()
+    rid = reproduce_id or new_reproduce_id(plan.task)
+    client = mlflow_client(uri)
+    _ensure_experiment(client, uri, plan.task)
+    cores = os.cpu_count() or 1
+    total = len(plan.entries) * len(plan.seeds)
+    workers = max(1, min(jobs or cores, total))
+    threads = max(1, cores // workers)
+    budget = Budget(
+        task=plan.task,
+        epochs=plan.epochs,
+        paper_epochs=plan.paper_epochs,
+        seeds=plan.seeds,
+        overrides=dict(plan.overrides),
+        device=plan.device,
+        date=datetime.now().astimezone().isoformat(timespec="seconds"),
+        lvzoo_version=lvzoo.__version__,
+        workers=workers,
+        threads=threads,
+        entries=tuple(
+            (e.label, e.estimator, {k: str(v) for k, v in e.variant.items()}, dict(e.settings)) for e in plan.entries
+        ),
+    )
+    specs = [
+        _RunSpec(
+            task=plan.task,
+            label=entry.label,
+            estimator=entry.estimator,
+            seed=seed,
+            overrides=entry.run_overrides,
+            epochs=plan.epochs,
+            device=plan.device,
+            data_dir=plan.data_dir,
+            tracking_uri=uri,
+            tags={REPRODUCE_TAG: rid, LABEL_TAG: entry.label, SEED_TAG: str(seed), BUDGET_TAG: budget.to_json()},
+            plugins=plan.runtime_plugins,
+        )
+        for seed in plan.seeds
+        for entry in plan.entries
+    ]
+    echo(
+        f"reproduce {rid}: {count(total, 'run')} ({count(len(plan.entries), 'row')} x "
+        f"{count(len(plan.seeds), 'seed')}), {count(workers, 'worker')} x {count(threads, 'torch thread')}"
+    )
+    started = time.perf_counter()
+    outcomes = _execute(specs, workers, threads, plan.runtime_plugins, echo)
+    wall_time = time.perf_counter() - started
+    records = _merge(mlflow_records(client, rid, [plan.task]), outcomes)
+    return Report(rid, uri, budget, aggregate_rows(budget, records), wall_time, wall_time_measured=True)
+
+
+def _execute(
+    specs: Sequence[_RunSpec],
+    workers: int,
+    threads: int,
+    plugins: Sequence[tuple[str, str, str]],
+    echo: Callable[[str], None],
+) -> list[_Outcome]:
+    """Run ``specs`` in a spawn pool; on SIGINT/SIGTERM the workers are terminated and the interrupt re-raised."""
+    outcomes: list[_Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="lvzoo-reproduce-") as scratch:
+        executor = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads, _write_runtime_plugins(plugins, Path(scratch))),
+        )
+        try:
+            with sigterm_raises():
+                futures: dict[Future[_Outcome], _RunSpec] = {executor.submit(_run_one, spec): spec for spec in specs}
+                for future in as_completed(futures):
+                    spec = futures[future]
+                    try:
+                        outcome = future.result()
+                    except Exception as exc:  # the worker process died (e.g. killed for memory)
+                        outcome = _Outcome(spec.label, spec.seed, None, f"worker failed: {_short_error(exc)}", 0.0)
+                    outcomes.append(outcome)
+                    status = f"FAILED: {outcome.error}" if outcome.error else f"finished (run {outcome.run_id})"
+                    echo(f"[{len(outcomes)}/{len(specs)}] {spec.label} seed {spec.seed}: {status} "
+                         f"in {outcome.seconds:.1f} s")
+        except KeyboardInterrupt:  # also SIGTERM; running workers mark their runs KILLED on SIGTERM
+            for process in list(executor._processes.values()):
+                process.terminate()
+            raise
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return outcomes
+
+
+def _merge(records: Sequence[RunRecord], outcomes: Sequence[_Outcome]) -> list[RunRecord]:
+    """MLflow's records, with the workers' errors (and failures that never created a run) added."""
+    by_key = {(record.label, record.seed): record for record in records}
+    for outcome in outcomes:
+        key = (outcome.label, outcome.seed)
+        known = by_key.get(key)
+        if outcome.error is not None:
+            base = known or RunRecord(outcome.label, outcome.seed, "FAILED", {})
+            by_key[key] = attrs.evolve(base, status="FAILED" if base.status == "FINISHED" else base.status,
+                                       error=outcome.error)
+        elif known is None:
+            by_key[key] = RunRecord(outcome.label, outcome.seed, "FAILED", {}, error="run not found in MLflow")
+    return list(by_key.values())
