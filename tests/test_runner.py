@@ -24,7 +24,8 @@ from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.callbacks import Callback
 from lvzoo.runners.config import parse_value, split_overrides
 from lvzoo.runners.plan import RunPlan, plan_run
-from lvzoo.runners.trainer import Trainer, build
+from lvzoo.runners.plots import SUPPORT_STATISTICS, plot_decoder_calls
+from lvzoo.runners.trainer import Trainer, _epoch_metrics, build
 from tests.conftest import MlflowStore
 from tests.interrupts import sigkill_once_file_exists
 from tests.runner_cli import error_line, invoke, printed_run_id
@@ -317,6 +318,20 @@ def test_checkpoint_of_an_older_format_is_refused_with_one_line(reference: Train
     for args in (["eval", str(old)], ["--resume", str(tmp_path)]):
         line = error_line(invoke(args))
         assert "checkpoint format 1 is not supported" in line and "reads format 2" in line, args
+
+
+def test_epoch_support_statistics_feed_the_decoder_calls_plot(tmp_path: Path) -> None:
+    # decoder calls per example over an epoch: the 10th / 50th / 90th percentiles and the mean, as the plot draws them
+    support = torch.cat([torch.ones(80, dtype=torch.long), torch.arange(1, 21) * 10])  # 80 ones, then 10..200
+    metrics = _epoch_metrics({}, support, {}, decoder_calls=7)
+    expected = torch.quantile(support.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    assert [metrics[key] for key in ("support_p10", "support_median", "support_p90")] == pytest.approx(expected)
+    assert metrics["support_p10"] == 1.0 and metrics["support_p90"] > 10 * metrics["support_median"]
+    assert metrics["support_mean"] == pytest.approx(float(support.double().mean()))
+    assert metrics["decoder_calls"] == 7 + int(support.sum())
+    epochs = [{key: metrics[key] for key in SUPPORT_STATISTICS}] * 3
+    path = plot_decoder_calls(epochs, tmp_path / "decoder_calls.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
 # --- determinism and resume -----------------------------------------------------------------------------------------
