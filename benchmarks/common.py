@@ -114,7 +114,7 @@ def estimator_compatible(name: str, space: LatentSpace) -> bool:
     if not isinstance(space, estimator_cls.supported_spaces):
         return False
     try:
-        estimator_cls(space, input_dim=INPUT_DIM)
+        estimator_cls(space)
     except IncompatibleSpaceError:
         return False
     return True
@@ -189,7 +189,7 @@ def build_task_setup(
     estimator_cls = registry.estimators.load(estimator_name)
     estimator_config = estimator_cls.config_class(**paper_estimator)
     model = task.build_model().to(device)
-    estimator = estimator_cls(task.latent_space(), estimator_config, input_dim=task.encoder_input_dim()).to(device)
+    estimator = estimator_cls(task.latent_space(), estimator_config).to(device)
     model.train()
     estimator.train()
     batch = next(iter(task.train_batches(torch.Generator().manual_seed(seed))))

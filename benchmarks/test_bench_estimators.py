@@ -56,7 +56,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def test_estimator_step(
     benchmark: Any, device: torch.device, estimator_name: str, space: LatentSpace, batch: int
 ) -> None:
-    estimator: nn.Module = registry.estimators.load(estimator_name)(space, input_dim=INPUT_DIM).to(device)
+    estimator: nn.Module = registry.estimators.load(estimator_name)(space).to(device)
     torch.manual_seed(0)
     encoder = nn.Linear(INPUT_DIM, space.size).to(device)
     inputs = torch.rand(batch, INPUT_DIM, device=device)

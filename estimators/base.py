@@ -69,14 +69,14 @@ class Estimator(nn.Module, abc.ABC, Generic[C]):
     """Base class of all estimators (built-in and third-party).
 
     Subclasses set ``config_class`` (a frozen attrs class deriving from :class:`EstimatorConfig`) and
-    ``supported_spaces`` and implement :meth:`forward`. Construction refuses unsupported latent spaces.
-    ``input_dim`` is the flattened width of the encoder input, used by learned baselines (NVIL).
+    ``supported_spaces`` and implement :meth:`forward`. Construction refuses unsupported latent spaces. An estimator
+    that reads the encoder input (NVIL's learned baseline) sizes itself lazily from the first one it sees.
     """
 
     config_class: ClassVar[type[EstimatorConfig]] = EstimatorConfig
     supported_spaces: ClassVar[tuple[type[Categorical | BitVector], ...]] = (Categorical, BitVector)
 
-    def __init__(self, space: LatentSpace, config: C | None = None, *, input_dim: int | None = None) -> None:
+    def __init__(self, space: LatentSpace, config: C | None = None) -> None:
         super().__init__()
         name = type(self).__name__
         if not isinstance(space, self.supported_spaces):
@@ -90,7 +90,6 @@ class Estimator(nn.Module, abc.ABC, Generic[C]):
             raise TypeError(f"{name} expects a {self.config_class.__name__}, got {type(config).__name__}")
         self.space: LatentSpace = space
         self.config: C = config
-        self.input_dim = input_dim
 
     @abc.abstractmethod
     def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
@@ -139,8 +138,9 @@ def segment_sum(values: Tensor, example_index: Tensor, num_examples: int) -> Ten
 class SparseDistribution:
     """A distribution given by its nonzero rows only.
 
-    ``z_rows [R, N]`` assignments, ``example_index [R]`` long (non-decreasing), ``probs [R] > 0``
-    (differentiable w.r.t. the scores), over ``num_examples`` examples; each example's probs sum to 1.
+    ``z_rows [R, N]`` assignments, ``example_index [R]`` long (non-decreasing), ``probs [R]`` (differentiable
+    w.r.t. the scores), over ``num_examples`` examples; each example's probs sum to 1. Sparse estimators list only
+    rows with ``probs > 0``; a dense one (softmax) lists every row, including probabilities that underflow to 0.
     ``categories [R]``: for one-hot rows of a categorical space, the category of each row (else ``None``).
     """
 

@@ -228,10 +228,9 @@ class SamplingEstimator(Estimator[C]):
         space: LatentSpace,
         config: C | None = None,
         *,
-        input_dim: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(space, config, input_dim=input_dim)
+        super().__init__(space, config)
         require_factorial_space(space, type(self).__name__)
         self.generator = generator
 

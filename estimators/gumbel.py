@@ -54,10 +54,9 @@ class GumbelSoftmax(SamplingEstimator[GumbelConfig]):
         space: LatentSpace,
         config: GumbelConfig | None = None,
         *,
-        input_dim: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__(space, config, input_dim=input_dim, generator=generator)
+        super().__init__(space, config, generator=generator)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def temperature(self) -> Tensor:

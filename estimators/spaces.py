@@ -32,6 +32,14 @@ class Categorical:
         return torch.eye(self.K)
 
 
+def check_budget(budget: object, dim: int, dim_name: str = "D") -> None:
+    """The one budget rule: ``None`` or an int in ``[1, dim]``; otherwise ``ValueError`` naming ``dim_name``."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= dim:
+        raise ValueError(f"budget must be None or an int in [1, {dim_name}={dim}], got {budget!r}")
+
+
 @attrs.frozen
 class BitVector:
     """``D`` binary variables, optionally with at most ``budget`` bits on; assignments are rows ``[D]`` of 0/1."""
@@ -41,10 +49,12 @@ class BitVector:
 
     @budget.validator
     def _check_budget(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= self.D:
-            raise ValueError(f"budget must be an int in [1, D={self.D}] or None, got {value!r}")
+        check_budget(value, self.D)
+
+    @property
+    def binding_budget(self) -> int | None:
+        """The budget when it constrains the vectors (``budget < D``), else ``None``."""
+        return self.budget if self.budget is not None and self.budget < self.D else None
 
     @property
     def size(self) -> int:

@@ -119,12 +119,11 @@ class SparseMAPSolution:
 
 
 def _effective_budget(budget: int | None, dim: int) -> int | None:
-    """The validated budget, or ``None`` when it does not constrain ``dim`` bits."""
-    if budget is None:
+    """The budget when it constrains ``dim`` bits, else ``None`` (a budget above ``dim`` constrains nothing); the
+    rule itself is :class:`BitVector`'s."""
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget > dim:
         return None
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be an int >= 1 or None, got {budget!r}")
-    return None if budget >= dim else budget
+    return BitVector(dim, budget).binding_budget
 
 
 def sparsemap_marginals(t: Tensor, budget: int | None = None) -> Tensor:

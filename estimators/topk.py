@@ -279,9 +279,9 @@ class TopKSparsemax(MarginalizingEstimator[TopKSparsemaxConfig]):
     supported_spaces: ClassVar[tuple[type[Categorical | BitVector], ...]] = (BitVector,)
 
     def __init__(
-        self, space: LatentSpace, config: TopKSparsemaxConfig | None = None, *, input_dim: int | None = None
+        self, space: LatentSpace, config: TopKSparsemaxConfig | None = None
     ) -> None:
-        super().__init__(space, config, input_dim=input_dim)
+        super().__init__(space, config)
         assert isinstance(space, BitVector)  # the base class refused any other space
         check_k(self.config.k, space.D, space.budget)
         self.bit_space: BitVector = space

@@ -9,6 +9,7 @@ plugin::
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar, cast
@@ -22,6 +23,22 @@ class UnknownNameError(LookupError):
 
 class PluginLoadError(ImportError):
     """A registered plugin exists but failed to import."""
+
+
+def class_path(cls: type[Any]) -> str:
+    """``"module:QualName"`` of a class (the form entry points use)."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_class(path: str) -> type[Any]:
+    """Inverse of :func:`class_path`; ``ImportError`` / ``AttributeError`` / ``TypeError`` (not a class) otherwise."""
+    module_name, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise TypeError(f"{path!r} is not a class")
+    return obj
 
 
 class Registry(Generic[T]):
@@ -54,6 +71,14 @@ class Registry(Generic[T]):
                 f"{self.kind} {name!r} ({eps[name].value}) failed to import: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def name_of(self, cls: type[Any]) -> str:
+        """The name under which ``cls`` is registered in this group (imports nothing), else the class name."""
+        target = class_path(cls)
+        for name, entry in self._entry_points().items():
+            if entry.value.replace(" ", "") == target:
+                return name
+        return cls.__name__
+
     def load_all(self) -> tuple[dict[str, T], dict[str, str]]:
         """``(loaded, failures)``: every plugin that imports, and ``name -> cause`` for those that do not.
 
@@ -74,4 +99,13 @@ estimators: Registry[Any] = Registry("lvzoo.estimators", "estimator")
 tasks: Registry[Any] = Registry("lvzoo.tasks", "task")
 models: Registry[Any] = Registry("lvzoo.models", "model")
 
-__all__ = ["PluginLoadError", "Registry", "UnknownNameError", "estimators", "models", "tasks"]
+__all__ = [
+    "PluginLoadError",
+    "Registry",
+    "UnknownNameError",
+    "class_path",
+    "estimators",
+    "import_class",
+    "models",
+    "tasks",
+]

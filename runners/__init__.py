@@ -1,15 +1,16 @@
 """lvzoo.runners: the generic training loop, its CLI (``runner``), checkpoints and MLflow tracking.
 
-Modules: ``plan`` (names -> classes, :class:`~lvzoo.runners.plan.RunPlan` and its one serialization),
-``trainer`` (the loop and its hook points), ``callbacks`` (tracking, checkpoints, progress, plots), ``run``
-(:func:`train`, :func:`evaluate_checkpoint`), ``reproduce`` (``runner reproduce``: ``reproduce_plan``,
-``reproduce_run``, ``reproduce_report``), ``config``, ``checkpoint``, ``tracking``, ``process``, ``plots``, ``cli``.
+Modules: ``cli`` (``runner``), ``plan`` (``--set`` overrides and configs, names -> classes,
+:class:`~lvzoo.runners.plan.RunPlan` and its one serialization), ``trainer`` (:func:`train`, the loop and its hook
+points, :func:`evaluate_checkpoint`), ``callbacks`` (tracking, checkpoints, progress, plots), ``resume`` (finding and
+re-planning a checkpoint), ``checkpoint``, ``process``, ``plots`` and ``runner reproduce`` (``reproduce_plan``,
+``reproduce_run``, ``reproduce_report``).
 """
 
-from lvzoo.runners.config import ConfigError
+from lvzoo.runners.callbacks import MlflowTracker, Tracker, default_tracking_uri
+from lvzoo.runners.plan import ConfigError
 from lvzoo.runners.process import TerminatedError
-from lvzoo.runners.run import TrainResult, evaluate_checkpoint, train
-from lvzoo.runners.tracking import MlflowTracker, Tracker, default_tracking_uri
+from lvzoo.runners.trainer import TrainResult, evaluate_checkpoint, train
 
 __all__ = [
     "ConfigError",

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 import lvzoo
-from lvzoo.runners.config import ConfigError
+from lvzoo.runners.plan import ConfigError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Version of the checkpoint layout. 2: resolved configs (no ``None`` for the paper's values), per-epoch support
-#: statistics. Older checkpoints are refused with a one-line error naming their format.
-CHECKPOINT_FORMAT = 2
+#: statistics. 3: score-function estimators keep their baseline state in a ``baseline`` submodule and their configs
+#: name the sampler and baseline. Older checkpoints are refused with a one-line error naming their format.
+CHECKPOINT_FORMAT = 3
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,25 @@ import click
 
 from lvzoo import registry
 from lvzoo.estimators.base import describe_config
-from lvzoo.runners.config import ConfigError, one_line, parse_assignments
+from lvzoo.runners.plan import ConfigError, one_line
 from lvzoo.runners.process import TerminatedError
-from lvzoo.runners.run import evaluate_checkpoint, train
-from lvzoo.runners.trainer import Split
+from lvzoo.runners.trainer import Split, evaluate_checkpoint, train
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, str]:
+    """``["a=1", "task.b=x"]`` -> ``{"a": "1", "task.b": "x"}``; refuses items without ``=``."""
+    parsed: dict[str, str] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        parsed[key] = value.strip()
+    return parsed
 
 
 class _OneLineError(click.ClickException):

@@ -1,17 +1,24 @@
-"""The run plan: names resolved to classes, the resolved configs and the run's seed, epochs, device and data.
+"""The run plan: ``--set`` overrides parsed and routed, names resolved to classes, configs resolved (field defaults,
+then the task's paper settings, then the user's values) and validated, plus the run's seed, epochs, device and data.
 
-:class:`RunPlan` has one serialization, :meth:`RunPlan.to_dict` / :meth:`RunPlan.from_dict`. Checkpoints hold
-its dict at their top level, ``config.json`` is its dict as JSON, the MLflow params are its flattened configs
+A run has two frozen attrs configs: the task's (``task.config_class``) and the estimator's
+(``estimator.config_class``). User overrides are given as ``key=value`` strings (or already typed values from the
+Python API); a bare ``key`` is looked up in both configs, ``task.key`` / ``estimator.key`` pick one. String values
+are parsed by the field's annotated type (``int``, ``float``, ``bool``, ``str``, ``None`` unions, ``Literal[...]``,
+``tuple[...]``).
+
+:class:`RunPlan` has one serialization, :meth:`RunPlan.to_dict` / :meth:`RunPlan.from_dict`. Checkpoints hold its
+dict at their top level, ``config.json`` is its dict as JSON, the MLflow params are its flattened configs
 (:meth:`RunPlan.to_params`) and ``runner reproduce`` reports a selection of those params. Every user error is a
-one-line :class:`~lvzoo.runners.config.ConfigError`.
+one-line :class:`ConfigError` that names the bad key or value and what would have been accepted.
 """
 
 from __future__ import annotations
 
-import importlib
+import ast
+import types
 import typing
 from collections.abc import Mapping
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +27,167 @@ import torch
 
 from lvzoo import registry
 from lvzoo.estimators.base import Estimator
-from lvzoo.runners import checkpoint as ckpt
-from lvzoo.runners.config import (
-    ESTIMATOR_PREFIX,
-    TASK_PREFIX,
-    ConfigError,
-    config_to_dict,
-    field_types,
-    one_line,
-    resolve_configs,
-)
-from lvzoo.tasks.base import Task, TaskConfig
+from lvzoo.tasks.base import Task, TaskConfig, resolve_config
+
+# --- overrides and configs ------------------------------------------------------------------------------------
+
+TASK_PREFIX = "task."
+ESTIMATOR_PREFIX = "estimator."
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message is a single line meant for the user."""
+
+
+def one_line(message: str) -> str:
+    """Collapse a (possibly multi-line) message into one line."""
+    return " ".join(message.split())
+
+
+def field_types(config_class: type[Any]) -> dict[str, Any]:
+    """Field name -> annotated type of an attrs class (the annotation string if it cannot be resolved)."""
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # unresolvable forward references: fall back to the raw annotations
+        hints = {}
+    return {field.name: hints.get(field.name, field.type) for field in attrs.fields(config_class)}
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parse the string ``text`` as a value of type ``annotation`` (used for the ``--set`` value of ``key``)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and text.strip().lower() in ("none", "null"):
+            return None
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return parse_value(text, member, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"bad value for {key}: {text!r} is not a {_type_name(annotation)}")
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        accepted = ", ".join(repr(c) for c in args)
+        raise ConfigError(f"bad value for {key}: {text!r}; accepted values: {accepted}")
+    if origin is tuple:
+        body = text.strip()
+        if body[:1] in "([" and body[-1:] in ")]":
+            body = body[1:-1]
+        items = [part.strip() for part in body.split(",") if part.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(parse_value(item, args[0], key) for item in items)
+        if len(items) != len(args):
+            raise ConfigError(f"bad value for {key}: {text!r} needs {len(args)} comma-separated items")
+        return tuple(parse_value(item, member, key) for item, member in zip(items, args, strict=True))
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"bad value for {key}: {text!r} is not a bool (use true/false)")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"bad value for {key}: {text!r} is not an int") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"bad value for {key}: {text!r} is not a float") from None
+    if annotation is str:
+        return text
+    try:  # unknown or unresolved annotation: accept a Python literal, else keep the string
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _route(
+    overrides: Mapping[str, Any], task_fields: Mapping[str, Any], estimator_fields: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split user overrides into (task values, estimator values), parsing strings by field type."""
+    accepted = [TASK_PREFIX + name for name in task_fields] + [ESTIMATOR_PREFIX + name for name in estimator_fields]
+    task_values: dict[str, Any] = {}
+    estimator_values: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key.startswith(TASK_PREFIX) and key[len(TASK_PREFIX) :] in task_fields:
+            target, fields, name = task_values, task_fields, key[len(TASK_PREFIX) :]
+        elif key.startswith(ESTIMATOR_PREFIX) and key[len(ESTIMATOR_PREFIX) :] in estimator_fields:
+            target, fields, name = estimator_values, estimator_fields, key[len(ESTIMATOR_PREFIX) :]
+        elif key in task_fields and key in estimator_fields:
+            raise ConfigError(f"ambiguous key {key!r}: use {TASK_PREFIX}{key} or {ESTIMATOR_PREFIX}{key}")
+        elif key in task_fields:
+            target, fields, name = task_values, task_fields, key
+        elif key in estimator_fields:
+            target, fields, name = estimator_values, estimator_fields, key
+        else:
+            raise ConfigError(f"unknown key {key!r}; accepted keys: {', '.join(accepted)}")
+        prefix = TASK_PREFIX if target is task_values else ESTIMATOR_PREFIX
+        target[name] = parse_value(value, fields[name], prefix + name) if isinstance(value, str) else value
+    return task_values, estimator_values
+
+
+def _build(config_class: type[Any], values: Mapping[str, Any], what: str) -> Any:
+    """Instantiate an attrs config, turning validator errors into a one-line :class:`ConfigError`."""
+    try:
+        return config_class(**values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid {what} config: {one_line(str(exc))}") from None
+
+
+def split_overrides(
+    overrides: Mapping[str, Any], task_config_class: type[TaskConfig], estimator_config_class: type[Any]
+) -> tuple[TaskConfig, dict[str, Any]]:
+    """Validated task config from the user values, and the user's estimator values (not yet merged)."""
+    task_values, estimator_values = _route(
+        overrides, field_types(task_config_class), field_types(estimator_config_class)
+    )
+    task_config: TaskConfig = _build(task_config_class, task_values, "task")
+    return task_config, estimator_values
+
+
+def resolve_configs(
+    task_cls: type[Task[Any]], estimator_name: str, estimator_config_class: type[Any], overrides: Mapping[str, Any]
+) -> tuple[TaskConfig, Any]:
+    """The task config and estimator config of a run: field defaults, then the task's paper settings for
+    ``estimator_name`` (:func:`lvzoo.tasks.base.resolve_config`), then the user's ``overrides`` (``--set``)."""
+    task_values, estimator_values = _route(
+        overrides, field_types(task_cls.config_class), field_types(estimator_config_class)
+    )
+    try:
+        task_config, paper_estimator = resolve_config(task_cls, estimator_name, task_values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid task config: {one_line(str(exc))}") from None
+    known = {field.name for field in attrs.fields(estimator_config_class)}
+    unknown = sorted(set(paper_estimator) - known)
+    if unknown:
+        raise ConfigError(
+            f"task settings set unknown estimator keys {unknown}; accepted keys: {', '.join(sorted(known)) or '(none)'}"
+        )
+    return task_config, _build(estimator_config_class, {**paper_estimator, **estimator_values}, "estimator")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Field values of an attrs config (tuples kept as tuples)."""
+    return attrs.asdict(config, recurse=True)
+
+
+# --- the plan -------------------------------------------------------------------------------------------------
 
 TaskSpec = str | type[Task[Any]] | Task[Any]
 EstimatorSpec = str | type[Estimator[Any]]
@@ -54,16 +211,12 @@ class RunPlan:
     def to_dict(self) -> dict[str, Any]:
         """``{"task": {"name", "class", "config"}, "estimator": {...}, "seed", "epochs", "data_dir", "device"}``:
         plain values (config tuples stay tuples; JSON writes them as lists)."""
+        task = (self.task_name, self.task_cls, self.task_config)
+        estimator = (self.estimator_name, self.estimator_cls, self.estimator_config)
         return {
-            "task": {
-                "name": self.task_name,
-                "class": class_path(self.task_cls),
-                "config": config_to_dict(self.task_config),
-            },
-            "estimator": {
-                "name": self.estimator_name,
-                "class": class_path(self.estimator_cls),
-                "config": config_to_dict(self.estimator_config),
+            **{
+                what: {"name": name, "class": registry.class_path(cls), "config": config_to_dict(config)}
+                for what, (name, cls, config) in (("task", task), ("estimator", estimator))
             },
             "seed": self.seed,
             "epochs": self.epochs,
@@ -127,32 +280,7 @@ def _config_from_dict(config_class: type[Any], values: Mapping[str, Any]) -> Any
     )
 
 
-# --- names and classes ------------------------------------------------------------------------------------------
-
-
-def class_path(cls: type[Any]) -> str:
-    """``"module:QualName"`` of a class (the form entry points use)."""
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def import_class(path: str) -> type[Any]:
-    """Inverse of :func:`class_path`."""
-    module_name, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if not isinstance(obj, type):
-        raise ConfigError(f"{path!r} is not a class")
-    return obj
-
-
-def registered_name(group: str, cls: type[Any]) -> str:
-    """The entry-point name under which ``cls`` is registered in ``group``, else the class name."""
-    target = class_path(cls)
-    for entry in entry_points(group=group):
-        if entry.value.replace(" ", "") == target:
-            return entry.name
-    return cls.__name__
+# --- names and classes -----------------------------------------------------------------------------------------
 
 
 def _load_plugin(reg: registry.Registry[Any], name: str) -> Any:
@@ -162,25 +290,25 @@ def _load_plugin(reg: registry.Registry[Any], name: str) -> Any:
         raise ConfigError(one_line(str(exc))) from None
 
 
+def _resolve(spec: Any, reg: registry.Registry[Any], base: type[Any]) -> tuple[Any, str]:
+    """``(class, registered name)`` of a registered name, a class or an instance."""
+    if not isinstance(spec, str):
+        cls = spec if isinstance(spec, type) else type(spec)
+        return cls, reg.name_of(cls)
+    cls = _load_plugin(reg, spec)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{reg.kind} {spec!r} does not name a {base.__name__} subclass")
+    return cls, spec
+
+
 def resolve_task(task: TaskSpec) -> tuple[type[Task[Any]], str]:
     """``(class, registered name)`` of a task name, class or instance."""
-    if isinstance(task, str):
-        cls = _load_plugin(registry.tasks, task)
-        if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise ConfigError(f"task {task!r} does not name a Task subclass")
-        return cls, task
-    task_cls = type(task) if isinstance(task, Task) else task
-    return task_cls, registered_name(registry.tasks.group, task_cls)
+    return _resolve(task, registry.tasks, Task)
 
 
 def resolve_estimator(estimator: EstimatorSpec) -> tuple[type[Estimator[Any]], str]:
     """``(class, registered name)`` of an estimator name or class."""
-    if isinstance(estimator, str):
-        cls = _load_plugin(registry.estimators, estimator)
-        if not (isinstance(cls, type) and issubclass(cls, Estimator)):
-            raise ConfigError(f"estimator {estimator!r} does not name an Estimator subclass")
-        return cls, estimator
-    return estimator, registered_name(registry.estimators.group, estimator)
+    return _resolve(estimator, registry.estimators, Estimator)
 
 
 def _stored_class(entry: Mapping[str, Any], reg: registry.Registry[Any]) -> type[Any]:
@@ -188,8 +316,8 @@ def _stored_class(entry: Mapping[str, Any], reg: registry.Registry[Any]) -> type
     if entry["name"] in reg.names():
         return _load_plugin(reg, entry["name"])  # type: ignore[no-any-return]
     try:
-        return import_class(entry["class"])
-    except (ImportError, AttributeError) as exc:
+        return registry.import_class(entry["class"])
+    except (ImportError, AttributeError, TypeError) as exc:
         raise ConfigError(f"cannot import {entry['class']!r} for {entry['name']!r}: {one_line(str(exc))}") from None
 
 
@@ -263,29 +391,3 @@ def reusable_instance(task: TaskSpec, plan: RunPlan) -> Task[Any] | None:
     ):
         return task
     return None
-
-
-def plan_from_checkpoint(
-    state: Mapping[str, Any],
-    task: TaskSpec | None,
-    estimator: EstimatorSpec | None,
-    *,
-    epochs: int | None,
-    device: str | torch.device,
-    data_dir: Path | None,
-) -> RunPlan:
-    """The plan a checkpoint was trained with, on ``device``, up to ``epochs`` (default: the stored epochs) and
-    with ``data_dir`` when given. A given task or estimator must be the stored one."""
-    ckpt.check_format(state)
-    task_cls = resolve_task(task)[0] if task is not None else None
-    estimator_cls = resolve_estimator(estimator)[0] if estimator is not None else None
-    for what, cls in (("task", task_cls), ("estimator", estimator_cls)):
-        if cls is not None and class_path(cls) != state[what]["class"]:
-            raise ConfigError(
-                f"the checkpoint was trained with {what} {state[what]['name']!r} ({state[what]['class']}), "
-                f"not {class_path(cls)}"
-            )
-    stored = {**state, "device": device, "epochs": state["epochs"] if epochs is None else epochs}
-    if data_dir is not None:
-        stored["data_dir"] = str(data_dir)
-    return RunPlan.from_dict(stored, task_cls, estimator_cls)

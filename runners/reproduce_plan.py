@@ -16,8 +16,16 @@ import attrs
 
 from lvzoo import registry
 from lvzoo.estimators.base import EstimatorConfig
-from lvzoo.runners.config import ESTIMATOR_PREFIX, TASK_PREFIX, ConfigError, field_types, one_line, split_overrides
-from lvzoo.runners.plan import RunPlan, class_path, plan_run
+from lvzoo.runners.plan import (
+    ESTIMATOR_PREFIX,
+    TASK_PREFIX,
+    ConfigError,
+    RunPlan,
+    field_types,
+    one_line,
+    plan_run,
+    split_overrides,
+)
 from lvzoo.tasks.base import Task, TaskConfig
 
 #: The task-config params every row's settings show (under their bare names), before the estimator's.
@@ -91,7 +99,7 @@ def _merge_variant(
 
 def _runtime_plugin(group: str, name: str, cls: type[Any]) -> tuple[str, str, str] | None:
     """``(group, name, "module:QualName")`` when no installed entry point registers ``cls`` as ``name``."""
-    target = class_path(cls)
+    target = registry.class_path(cls)
     for entry in importlib.metadata.entry_points(group=group, name=name):
         if entry.value.replace(" ", "") == target:
             return None

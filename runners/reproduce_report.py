@@ -14,8 +14,8 @@ from typing import Any
 
 import attrs
 
-from lvzoo.runners.config import ConfigError
-from lvzoo.runners.tracking import default_tracking_uri
+from lvzoo.runners.callbacks import default_tracking_uri
+from lvzoo.runners.plan import ConfigError
 
 REPRODUCE_TAG = "lvzoo.reproduce_id"
 LABEL_TAG = "lvzoo.reproduce_label"

@@ -1,4 +1,4 @@
-"""Executing ``runner reproduce``: every (row, seed) as one ordinary tracked :func:`~lvzoo.runners.run.train` run in
+"""Executing ``runner reproduce``: every (row, seed) as one ordinary tracked :func:`~lvzoo.runners.trainer.train` run in
 a pool of spawned worker processes, then the report built from MLflow.
 
 Workers are fresh ``spawn`` processes: they see only installed entry points. Plugins that the parent process
@@ -28,8 +28,8 @@ import torch
 
 import lvzoo
 from lvzoo import registry
-from lvzoo.runners.config import ConfigError, one_line
-from lvzoo.runners.plan import class_path
+from lvzoo.runners.callbacks import MlflowTracker, default_tracking_uri, sqlite_artifact_location
+from lvzoo.runners.plan import ConfigError, one_line
 from lvzoo.runners.process import TerminatedError, sigterm_raises
 from lvzoo.runners.reproduce_plan import Reproduction
 from lvzoo.runners.reproduce_report import (
@@ -46,8 +46,7 @@ from lvzoo.runners.reproduce_report import (
     mlflow_client,
     mlflow_records,
 )
-from lvzoo.runners.run import train
-from lvzoo.runners.tracking import MlflowTracker, default_tracking_uri, sqlite_artifact_location
+from lvzoo.runners.trainer import train
 
 #: Longest error message kept in a tag or a table cell.
 MAX_ERROR_CHARS = 300
@@ -105,7 +104,7 @@ def _check_plugins(plugins: Iterable[tuple[str, str, str]]) -> None:
     """Refuse to run when this process resolves a name to another class than the parent did."""
     for group, name, target in plugins:
         reg = registry.tasks if group == registry.tasks.group else registry.estimators
-        found = class_path(reg.load(name))
+        found = registry.class_path(reg.load(name))
         if found != target:
             raise ConfigError(f"{reg.kind} {name!r} is {found} in the worker but {target} in the parent process")
 

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -25,14 +26,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator, EstimatorResult, IncompatibleSpaceError
+import lvzoo
+from lvzoo.estimators.base import Estimator, IncompatibleSpaceError
 from lvzoo.runners import checkpoint as ckpt
-from lvzoo.runners.callbacks import Callback
-from lvzoo.runners.config import ConfigError, one_line
-from lvzoo.runners.plan import RunPlan
+from lvzoo.runners.callbacks import (
+    Callback,
+    CheckpointCallback,
+    DecoderCallsPlotCallback,
+    MlflowTracker,
+    ProgressCallback,
+    Tracker,
+    TrackingCallback,
+    default_tracking_uri,
+)
+from lvzoo.runners.plan import ConfigError, EstimatorSpec, RunPlan, TaskSpec, one_line, plan_run, reusable_instance
 from lvzoo.runners.plots import SUPPORT_STATISTICS
-from lvzoo.tasks.base import Task
-from lvzoo.tasks.objective import evaluation_mode
+from lvzoo.runners.process import env_data_dir, git_commit, show_progress, sigterm_raises
+from lvzoo.runners.resume import find_checkpoint, plan_from_checkpoint
+from lvzoo.tasks.base import Task, evaluation_mode
 
 Split = Literal["val", "test"]
 
@@ -75,9 +86,8 @@ def build(plan: RunPlan, task: Task[Any] | None = None) -> Components:
         except ValueError as exc:  # the task's own validation
             raise ConfigError(f"invalid task config: {one_line(str(exc))}") from None
     model = task.build_model().to(plan.device)
-    space, input_dim = task.latent_space(), task.encoder_input_dim()
     try:
-        estimator = plan.estimator_cls(space, plan.estimator_config, input_dim=input_dim).to(plan.device)
+        estimator = plan.estimator_cls(task.latent_space(), plan.estimator_config).to(plan.device)
     except IncompatibleSpaceError as exc:
         raise ConfigError(f"task {plan.task_name!r} cannot use estimator {plan.estimator_name!r}: {exc}") from None
     except ValueError as exc:  # e.g. top-k's k larger than the space: a config that does not fit this task
@@ -122,20 +132,8 @@ class TrainState:
         )
 
 
-class _EstimatorLogs:
-    """Forward hook keeping the latest ``EstimatorResult.logs`` of the estimator (tensors, no host sync)."""
-
-    def __init__(self) -> None:
-        self.latest: dict[str, Tensor] = {}
-        self.active = False
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.active and isinstance(output, EstimatorResult):
-            self.latest.update({key: value.detach() for key, value in output.logs.items()})
-
-
 def evaluate(components: Components, split: Split, final: bool) -> dict[str, float]:
-    """``task.evaluate`` in eval mode without gradients (:func:`~lvzoo.tasks.objective.evaluation_mode`)."""
+    """``task.evaluate`` in eval mode without gradients (:func:`~lvzoo.tasks.base.evaluation_mode`)."""
     with evaluation_mode(components.model, components.estimator):
         metrics = components.task.evaluate(components.model, components.estimator, split, final)
     return {key: float(value) for key, value in metrics.items()}
@@ -172,12 +170,10 @@ class Trainer:
         self.epochs = epochs
         self.callbacks = list(callbacks)
         self.state = state if state is not None else TrainState()
-        self._logs = _EstimatorLogs()
 
     def fit(self) -> dict[str, float]:
         """The remaining epochs, then the final test; returns the test metrics. On any exception every callback's
         ``on_train_failed`` runs (its own errors are suppressed) and the exception propagates."""
-        hook = self.components.estimator.register_forward_hook(self._logs)
         try:
             for callback in self.callbacks:
                 callback.on_train_begin(self)
@@ -206,8 +202,6 @@ class Trainer:
                 with suppress(Exception):
                     callback.on_train_failed(error)
             raise
-        finally:
-            hook.remove()
         return test_metrics
 
     def _train_epoch(self) -> dict[str, float]:
@@ -218,28 +212,26 @@ class Trainer:
         estimator.train()
         sums: dict[str, Tensor] = {}
         supports: list[Tensor] = []
-        self._logs.active = True
-        try:
-            for index, batch in enumerate(task.train_batches(self.components.shuffle)):
-                out = task.train_step(model, estimator, batch)
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(out.loss)
-                optimizer.step()
-                loss = out.loss.detach()
-                # the loop's own "loss" wins over a task metric of the same name (each key is summed once per step)
-                for key, value in {**out.metrics, "loss": loss}.items():
-                    value = value.detach()
-                    sums[key] = sums[key] + value if key in sums else value.clone()
-                supports.append(out.support.detach().reshape(-1))
-                for callback in self.callbacks:
-                    callback.on_batch_end(index, loss, supports[-1])
-        finally:
-            self._logs.active = False
+        logs: dict[str, Tensor] = {}
+        for index, batch in enumerate(task.train_batches(self.components.shuffle)):
+            out = task.train_step(model, estimator, batch)
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(out.loss)
+            optimizer.step()
+            loss = out.loss.detach()
+            # the loop's own "loss" wins over a task metric of the same name (each key is summed once per step)
+            for key, value in {**out.metrics, "loss": loss}.items():
+                value = value.detach()
+                sums[key] = sums[key] + value if key in sums else value.clone()
+            supports.append(out.support.detach().reshape(-1))
+            logs.update(out.logs)
+            for callback in self.callbacks:
+                callback.on_batch_end(index, loss, supports[-1])
         if not supports:
             raise RuntimeError(f"{type(task).__name__}.train_batches yielded no batches")
         self.state.global_step += len(supports)
         means = {key: total / len(supports) for key, total in sums.items()}
-        return _epoch_metrics(means, torch.cat(supports), self._logs.latest, self.state.decoder_calls)
+        return _epoch_metrics(means, torch.cat(supports), logs, self.state.decoder_calls)
 
     def _end_epoch(self, metrics: dict[str, float], val_metrics: dict[str, float]) -> None:
         state = self.state
@@ -248,3 +240,136 @@ class Trainer:
         state.support_per_epoch.append({key: metrics[key] for key in SUPPORT_STATISTICS})
         state.val_metrics = dict(val_metrics)
         state.epoch_metrics = dict(metrics)
+
+
+# --- one tracked run ------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TrainResult:
+    """Outcome of :func:`train`: the run, where its files are, its last metrics and the trained modules."""
+
+    run_id: str
+    run_dir: Path
+    checkpoint: Path
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    model: nn.Module
+    estimator: Estimator[Any]
+
+
+def train(
+    task: TaskSpec | None = None,
+    estimator: EstimatorSpec | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    tracking_uri: str | None = None,
+    data_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    tracker: Tracker | None = None,
+    progress: bool | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Train ``estimator`` on ``task`` (names, classes or a task instance) and track the run.
+
+    ``overrides`` maps config keys (``lr``, ``task.batch_size``, ``estimator.<field>``; values typed or strings)
+    onto the task's paper defaults. ``resume`` (a run id, a run dir or a checkpoint file) continues that run in
+    the same MLflow run from its last checkpoint, up to ``epochs`` (default: the run's original epochs); task
+    and estimator may then be omitted. ``data_dir`` defaults to ``$LVZOO_DATA`` (None: the task's default).
+    All configuration errors raise :class:`ConfigError` before any training or tracking happens. ``callbacks``
+    run after the built-in ones (progress, checkpoint, plot, tracking) at every hook.
+    """
+    data_path = Path(data_dir) if data_dir is not None else env_data_dir()
+    tracking_uri = tracking_uri or (getattr(tracker, "tracking_uri", None) if tracker else None)
+    state: dict[str, Any] | None = None
+    if resume is not None:
+        if overrides:
+            raise ConfigError("cannot change the configuration when resuming; drop the --set overrides")
+        path, tracker = find_checkpoint(resume, tracker, tracking_uri)
+        state = ckpt.load(path)
+        tracking_uri = tracking_uri or str(state["tracking_uri"])
+        plan = plan_from_checkpoint(state, task, estimator, epochs=epochs, device=device, data_dir=data_path)
+        if state.get("finished") and int(state["completed_epochs"]) >= plan.epochs:
+            raise ConfigError(
+                f"run {state['run_id']} already completed {state['completed_epochs']} epochs; "
+                f"pass more epochs to continue it"
+            )
+        components = build(plan)
+        components.load_state(state)
+    else:
+        if task is None or estimator is None:
+            raise ConfigError("a task and an estimator are required (or resume a run)")
+        plan = plan_run(task, estimator, overrides or {}, epochs=epochs, seed=seed, device=device, data_dir=data_path)
+        components = build(plan, reusable_instance(task, plan))
+    tracking_uri = tracking_uri or default_tracking_uri()
+    if tracker is None:
+        tracker = MlflowTracker(tracking_uri)
+    if state is None:
+        tracker.start(plan.task_name, f"{plan.estimator_name}-{plan.seed}", _tags(plan))
+    else:
+        tracker.resume(str(state["run_id"]))
+    if run_dir is not None:
+        directory = Path(run_dir)
+    elif state is not None and state.get("run_dir"):
+        directory = Path(state["run_dir"])
+    else:
+        directory = Path.cwd() / "runs" / tracker.run_id
+    directory = directory.resolve()
+    checkpoint = directory / ckpt.CHECKPOINT_NAME
+    hooks: list[Callback] = [ProgressCallback()] if (show_progress() if progress is None else progress) else []
+    hooks += [
+        CheckpointCallback(plan, checkpoint, tracker.run_id, tracking_uri, resumed=state),
+        DecoderCallsPlotCallback(directory / "artifacts" / "decoder_calls.png", tracker),
+        TrackingCallback(tracker, plan, directory, checkpoint, resumed=state is not None),
+        *callbacks,
+    ]
+    trainer = Trainer(components, plan.epochs, hooks, TrainState.from_checkpoint(state) if state else None)
+    with sigterm_raises():
+        test_metrics = trainer.fit()
+    return TrainResult(
+        run_id=tracker.run_id,
+        run_dir=directory,
+        checkpoint=checkpoint,
+        val_metrics=trainer.state.val_metrics,
+        test_metrics=test_metrics,
+        model=components.model,
+        estimator=components.estimator,
+    )
+
+
+def _tags(plan: RunPlan) -> dict[str, str]:
+    tags = {"task": plan.task_name, "estimator": plan.estimator_name, "lvzoo_version": lvzoo.__version__}
+    commit = git_commit(Path.cwd())
+    if commit is not None:
+        tags["git_commit"] = commit
+    return tags
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    split: Split = "test",
+    *,
+    final: bool = False,
+    device: str | torch.device = "cpu",
+    data_dir: str | Path | None = None,
+    task: TaskSpec | None = None,
+    estimator: EstimatorSpec | None = None,
+) -> dict[str, float]:
+    """Evaluate the model and estimator of a checkpoint on ``split`` (``"val"`` or ``"test"``)."""
+    if split not in ("val", "test"):
+        raise ConfigError(f"bad split {split!r}; accepted: val, test")
+    checkpoint_path = Path(path)
+    if checkpoint_path.is_dir():
+        checkpoint_path = checkpoint_path / ckpt.CHECKPOINT_NAME
+    if not checkpoint_path.is_file():
+        raise ConfigError(f"no checkpoint at {str(checkpoint_path)!r}")
+    state = ckpt.load(checkpoint_path)
+    data_path = Path(data_dir) if data_dir is not None else env_data_dir()
+    plan = plan_from_checkpoint(state, task, estimator, epochs=None, device=device, data_dir=data_path)
+    components = build(plan)
+    components.load_state(state, optimizer=False)
+    return evaluate(components, split, final)

@@ -11,19 +11,129 @@ returned as tensors and only read once per logging interval).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import attrs
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from lvzoo.estimators.base import Estimator
+from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn
 from lvzoo.estimators.spaces import LatentSpace
 from lvzoo.estimators.validators import finite_number, optional, positive_int, positive_number
-from lvzoo.tasks.objective import BatchObjective, StepOutput, latent_step
 
+# --- the shared objective ---------------------------------------------------------------------------------------
+# A task states a batch's problem (BatchObjective): the latent part (LatentProblem: encoder scores [B, N], the row
+# loss, the encoder input, a per-example prior term and a weight), any other loss term (e.g. a supervised loss) and
+# its own metrics. latent_step runs the estimator on the latent part once and composes
+#     loss = weight * mean(surrogate + prior - entropy_coef * entropy) + other_loss
+# with the estimator's support and logs (the loop reads both from the StepOutput).
+
+
+@attrs.frozen
+class LatentProblem:
+    """The latent-variable part of a batch.
+
+    ``scores [B, N]``: the encoder's scores of pi(z | x); ``loss_fn``: the row loss the estimator evaluates;
+    ``encoder_input [B, ...]`` (learned baselines read it); ``prior``: a term added to every example's expected loss
+    (a float or ``[B]``, e.g. ``-log p(z) = log K`` so that ``E[loss] + prior - H`` is the -ELBO); ``weight``: of the
+    latent part's batch mean in the total (e.g. the unlabelled / labelled size ratio).
+    """
+
+    scores: Tensor
+    loss_fn: LossFn
+    encoder_input: Tensor | None = None
+    prior: Tensor | float = 0.0
+    weight: float = 1.0
+
+
+@attrs.frozen
+class LatentTerms:
+    """The estimator's ``result`` on a :class:`LatentProblem` and the per-example latent ``loss [B]``
+    ``surrogate + prior - entropy_coef * entropy`` (differentiable)."""
+
+    loss: Tensor
+    result: EstimatorResult
+    prior: Tensor | float
+
+    @property
+    def bound(self) -> Tensor:
+        """``objective + prior - entropy`` per example ``[B]`` (detached; the -ELBO for the VAEs)."""
+        return self.result.objective + self.prior - self.result.entropy.detach()
+
+
+def latent_terms(latent: LatentProblem, estimator: Estimator[Any], entropy_coef: float) -> LatentTerms:
+    """Run ``estimator`` once (one loss call) on ``latent``: :class:`LatentTerms`."""
+    result = estimator(latent.scores, latent.loss_fn, latent.encoder_input)
+    loss = result.surrogate + latent.prior - entropy_coef * result.entropy
+    return LatentTerms(loss=loss, result=result, prior=latent.prior)
+
+
+@attrs.frozen
+class BatchObjective:
+    """A batch's problem as a task states it: the ``latent`` part (``None`` when the batch has none, e.g. a
+    supervised warm start), ``other_loss`` (a scalar added to the total, e.g. the labelled loss), the task's own
+    detached scalar ``metrics``, ``result_metrics`` (more metrics from the estimator's result, e.g. the -ELBO) and
+    ``support`` (decoder calls per example ``[B]`` when there is no latent part)."""
+
+    latent: LatentProblem | None
+    other_loss: Tensor | None = None
+    metrics: Mapping[str, Tensor] = attrs.field(factory=dict)
+    result_metrics: Callable[[LatentTerms], Mapping[str, Tensor]] | None = None
+    support: Tensor | None = None
+
+
+@attrs.frozen
+class StepOutput:
+    """One training step: ``loss`` (scalar, to backpropagate), detached scalar ``metrics``, ``support [B]`` and the
+    estimator's detached ``logs`` (:attr:`EstimatorResult.logs`; empty for a batch without a latent part)."""
+
+    loss: Tensor
+    metrics: Mapping[str, Tensor]
+    support: Tensor
+    logs: Mapping[str, Tensor] = attrs.field(factory=dict)
+
+
+def latent_step(objective: BatchObjective, estimator: Estimator[Any], entropy_coef: float) -> StepOutput:
+    """Run ``estimator`` once on ``objective.latent`` and compose the loss of the module docstring.
+
+    Metrics: the task's, ``entropy`` (mean entropy of pi) and ``result_metrics``'s; ``support`` is the estimator's.
+    """
+    metrics = dict(objective.metrics)
+    other = objective.other_loss
+    latent = objective.latent
+    if latent is None:
+        if other is None or objective.support is None:
+            raise ValueError("a batch without a latent part needs other_loss and support")
+        return StepOutput(loss=other, metrics=metrics, support=objective.support)
+    terms = latent_terms(latent, estimator, entropy_coef)
+    loss = latent.weight * terms.loss.mean()
+    if other is not None:
+        loss = loss + other
+    metrics["entropy"] = terms.result.entropy.detach().mean()
+    if objective.result_metrics is not None:
+        metrics.update(objective.result_metrics(terms))
+    logs = {key: value.detach() for key, value in terms.result.logs.items()}
+    return StepOutput(loss=loss, metrics=metrics, support=terms.result.support, logs=logs)
+
+
+@contextmanager
+def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for ``modules`` inside the block; their training flags are restored after."""
+    flags = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, flag in zip(modules, flags, strict=True):
+            module.train(flag)
+
+
+# --- the task interface ----------------------------------------------------------------------------------------
 
 @attrs.frozen
 class TaskConfig:
@@ -61,6 +171,8 @@ class Task(abc.ABC, Generic[TC]):
     paper_estimators: ClassVar[tuple[str, ...]] = ()
     #: The seeds of the paper's code for this task (``runner reproduce``'s default).
     paper_seeds: ClassVar[tuple[int, ...]] = (0,)
+    #: ``(metric, mode)`` a sweep selects trials by, by default: an epoch metric name and ``"min"`` or ``"max"``.
+    selection_metric: ClassVar[tuple[str, str]] = ("val_loss", "min")
 
     @classmethod
     def paper_variants(cls, config: TC) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -82,10 +194,6 @@ class Task(abc.ABC, Generic[TC]):
         """The latent space the encoder scores live in."""
 
     @abc.abstractmethod
-    def encoder_input_dim(self) -> int:
-        """Flattened width of the encoder input passed to estimators (learned baselines use it)."""
-
-    @abc.abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh model (the runner moves it to the device and seeds the RNG first)."""
 
@@ -99,11 +207,11 @@ class Task(abc.ABC, Generic[TC]):
 
     @abc.abstractmethod
     def objective(self, model: nn.Module, batch: Any) -> BatchObjective:
-        """The problem of one training batch (:class:`~lvzoo.tasks.objective.BatchObjective`)."""
+        """The problem of one training batch (:class:`BatchObjective`)."""
 
     def train_step(self, model: nn.Module, estimator: Estimator[Any], batch: Any) -> StepOutput:
         """Loss of one batch, its metrics and the decoder rows used per example: the shared objective
-        (:func:`~lvzoo.tasks.objective.latent_step`) of :meth:`objective` with ``config.entropy_coef``."""
+        (:func:`latent_step`) of :meth:`objective` with ``config.entropy_coef``."""
         return latent_step(self.objective(model, batch), estimator, self.config.entropy_coef)
 
     @abc.abstractmethod

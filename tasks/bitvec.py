@@ -46,10 +46,18 @@ from lvzoo.estimators.base import (
     exact_distribution,
     expectation,
 )
-from lvzoo.estimators.spaces import BitVector
+from lvzoo.estimators.spaces import BitVector, check_budget
 from lvzoo.estimators.validators import positive_int
 from lvzoo.models.bitvec import PIXELS, BitVectorVAEModel
-from lvzoo.tasks.base import PaperSettings, Task, TaskConfig
+from lvzoo.tasks.base import (
+    BatchObjective,
+    LatentProblem,
+    LatentTerms,
+    PaperSettings,
+    Task,
+    TaskConfig,
+    evaluation_mode,
+)
 from lvzoo.tasks.bitvec_nll import (
     LOG2,
     bernoulli_entropy,
@@ -59,7 +67,6 @@ from lvzoo.tasks.bitvec_nll import (
     sparse_log_marginal_terms,
 )
 from lvzoo.tasks.data import load_images, minibatch_indices
-from lvzoo.tasks.objective import BatchObjective, LatentProblem, LatentTerms, evaluation_mode
 
 #: Images at the end of the training file that form the validation split (the paper's code: 55,000-59,999).
 VALIDATION_SIZE = 5000
@@ -118,10 +125,7 @@ class BitVectorVAEConfig(TaskConfig):
 
     @budget.validator
     def _check_budget(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.bits:
-            raise ValueError(f"budget must be None or an int in [1, bits={self.bits}], got {value!r}")
+        check_budget(value, self.bits, "bits")
 
 
 def as_bitvec_model(model: nn.Module) -> BitVectorVAEModel:
@@ -150,6 +154,7 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
     default_epochs = 100
     paper_estimators = ("sfe", "sfe+", "nvil", "gumbel", "stgumbel", "topksparse", "sparsemap")
     paper_seeds = (42,)
+    selection_metric = ("val_neg_elbo", "min")
 
     def __init__(self, config: BitVectorVAEConfig, data_dir: Path | None, device: torch.device) -> None:
         super().__init__(config, data_dir, device)
@@ -193,10 +198,6 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
         """
         column = 0 if abs(config.bits - 32) <= abs(config.bits - 128) else 1
         return PAPER_SETTINGS.get(estimator, (DEFAULT_SETTINGS, DEFAULT_SETTINGS))[column]
-
-    def encoder_input_dim(self) -> int:
-        """784 pixels."""
-        return PIXELS
 
     def build_model(self) -> nn.Module:
         """A fresh :class:`BitVectorVAEModel` with ``bits`` latent bits."""

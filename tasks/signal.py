@@ -31,8 +31,7 @@ from lvzoo.estimators.base import Estimator, exact_distribution, marginalize
 from lvzoo.estimators.spaces import Categorical, LatentSpace
 from lvzoo.estimators.validators import int_at_least, number_in
 from lvzoo.models.signal import TRAINING_LOSSES, GameLoss, SignalGameModel, TrainingLoss
-from lvzoo.tasks.base import PaperSettings, Task, TaskConfig
-from lvzoo.tasks.objective import BatchObjective, LatentProblem, evaluation_mode
+from lvzoo.tasks.base import BatchObjective, LatentProblem, PaperSettings, Task, TaskConfig, evaluation_mode
 from lvzoo.tasks.signal_data import (
     MNIST_FASHION_RELU,
     OFFLINE_SOURCES,
@@ -128,6 +127,7 @@ class SignalGameTask(Task[SignalGameConfig]):
     default_epochs: ClassVar[int] = 500
     paper_estimators = ("sfe", "nvil", "gumbel", "stgumbel", "softmax", "sparsemax")
     paper_seeds = tuple(range(322, 332))
+    selection_metric = ("val_success", "max")
 
     @classmethod
     def paper_variants(cls, config: SignalGameConfig) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -172,15 +172,15 @@ class SignalGameTask(Task[SignalGameConfig]):
         """``Categorical(vocab_size)``: one symbol."""
         return Categorical(self.config.vocab_size)
 
-    def encoder_input_dim(self) -> int:
-        """The image feature width (784 for ``mnist-fashion``, 4096 for the paper's VGG features)."""
+    def feature_dim(self) -> int:
+        """The image feature width (784 for ``mnist-fashion``, 4096 for the paper's VGG and ReLU features)."""
         return self.splits().train_images.feature_dim
 
     def build_model(self) -> nn.Module:
         """A fresh :class:`SignalGameModel` with the configured sizes."""
         config = self.config
         return SignalGameModel(
-            feature_dim=self.encoder_input_dim(),
+            feature_dim=self.feature_dim(),
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
             embedding_size=config.embedding_size,

@@ -68,10 +68,17 @@ from lvzoo.estimators.base import Estimator, LossFn, exact_distribution, margina
 from lvzoo.estimators.marginal import all_rows
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.estimators.validators import non_negative_int, one_of, positive_int
-from lvzoo.models.ssvae import IMAGE_PIXELS, SSVAEModel
-from lvzoo.tasks.base import PaperSettings, Task, TaskConfig
+from lvzoo.models.ssvae import SSVAEModel
+from lvzoo.tasks.base import (
+    BatchObjective,
+    LatentProblem,
+    LatentTerms,
+    PaperSettings,
+    Task,
+    TaskConfig,
+    evaluation_mode,
+)
 from lvzoo.tasks.data import binarize, minibatch_indices
-from lvzoo.tasks.objective import BatchObjective, LatentProblem, LatentTerms, evaluation_mode
 from lvzoo.tasks.ssvae_data import SSVAEData, load_model_state, load_ssvae_data
 
 NUM_CLASSES = 10
@@ -162,6 +169,7 @@ class SSVAETask(Task[SSVAEConfig]):
     default_epochs = 200
     paper_estimators = ("sfe", "sfe+", "nvil", "sumsample", "gumbel", "stgumbel", "softmax", "sparsemax")
     paper_seeds = tuple(range(43, 53))
+    selection_metric = ("val_neg_elbo", "min")
 
     @classmethod
     def paper_settings(cls, estimator: str, config: SSVAEConfig) -> PaperSettings:
@@ -179,10 +187,6 @@ class SSVAETask(Task[SSVAEConfig]):
     def latent_space(self) -> Categorical:
         """``Categorical(10)``: the digit class."""
         return Categorical(NUM_CLASSES)
-
-    def encoder_input_dim(self) -> int:
-        """784: the flattened binary image."""
-        return IMAGE_PIXELS
 
     def build_model(self) -> SSVAEModel:
         """A fresh :class:`SSVAEModel`, loaded from ``init_checkpoint`` when one is configured."""

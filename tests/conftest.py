@@ -101,4 +101,3 @@ def toy_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
         return found
 
     monkeypatch.setattr(lvzoo.registry, "entry_points", with_toys)
-    monkeypatch.setattr(lvzoo.runners.plan, "entry_points", with_toys)

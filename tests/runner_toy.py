@@ -27,8 +27,7 @@ from lvzoo.estimators.base import (
 )
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 from lvzoo.estimators.validators import positive_number
-from lvzoo.tasks.base import PaperSettings, Task, TaskConfig
-from lvzoo.tasks.objective import BatchObjective, LatentProblem, LatentTerms
+from lvzoo.tasks.base import BatchObjective, LatentProblem, LatentTerms, PaperSettings, Task, TaskConfig
 
 NUM_CODES = 3
 FEATURES = 4
@@ -88,9 +87,6 @@ class ToyTask(Task[ToyConfig]):
     @classmethod
     def paper_settings(cls, estimator: str, config: ToyConfig) -> PaperSettings:
         return PaperSettings(task={"lr": 0.05, "entropy_coef": 0.1, "batch_size": 16})
-
-    def encoder_input_dim(self) -> int:
-        return FEATURES
 
     def build_model(self) -> nn.Module:
         return ToyModel(self.config.hidden)
@@ -169,9 +165,9 @@ class TemperedSoftmax(Estimator[TemperedSoftmaxConfig]):
     supported_spaces = (Categorical,)
 
     def __init__(
-        self, space: LatentSpace, config: TemperedSoftmaxConfig | None = None, *, input_dim: int | None = None
+        self, space: LatentSpace, config: TemperedSoftmaxConfig | None = None
     ):
-        super().__init__(space, config, input_dim=input_dim)
+        super().__init__(space, config)
         self.calls: Tensor
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 

@@ -289,7 +289,7 @@ def _assert_optimizer_steps(state: dict[str, Any], steps: int) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    [ResumeCase("ssvae", "sfe", "baseline_updates"), ResumeCase("bitvec", "nvil", None)],
+    [ResumeCase("ssvae", "sfe", "baseline.updates"), ResumeCase("bitvec", "nvil", None)],
     ids=lambda case: f"{case.task}-{case.estimator}",
 )
 def test_keyboard_interrupt_in_epoch_two_then_resume(

@@ -20,9 +20,8 @@ parametrized over the whole table, with the estimator's default config:
 - ``test_wrong_score_shape_is_a_clear_error``: ``ValueError`` naming the expected ``[B, N]`` and the received
   shape, before any loss call.
 
-Estimators are built as ``cls(space, input_dim=INPUT_DIM[, generator=...])``: every estimator receives the
-encoder-input width (learned baselines such as NVIL need it) and an ``encoder_input [B, 2, 3]``; ``generator`` is
-passed where the constructor takes it.
+Estimators are built as ``cls(space[, generator=...])`` (``generator`` where the constructor takes it) and
+every forward receives an ``encoder_input [B, 2, 3]`` (learned baselines such as NVIL size themselves from it).
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ SPACES: tuple[LatentSpace, ...] = (Categorical(5), BitVector(4), BitVector(4, bu
 BATCH = 4
 #: ``encoder_input`` is ``[BATCH, 2, 3]``: flattened width 6.
 INPUT_SHAPE = (2, 3)
-INPUT_DIM = 6
 TRAIN_STEPS = 3
 
 
@@ -85,7 +83,7 @@ def _accepts(cls: type[Estimator[Any]], space: LatentSpace) -> bool:
     if not isinstance(space, cls.supported_spaces):
         return False
     try:
-        cls(space, input_dim=INPUT_DIM)
+        cls(space)
     except IncompatibleSpaceError:
         return False
     except Exception:
@@ -170,7 +168,7 @@ def build(pair: Pair, seed: int = 0) -> tuple[Estimator[Any], torch.Generator | 
     generator it was given (``None`` where its constructor takes none)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed) if pair.takes_generator else None
-    kwargs: dict[str, Any] = {"input_dim": INPUT_DIM}
+    kwargs: dict[str, Any] = {}
     if generator is not None:
         kwargs["generator"] = generator
     return pair.cls(pair.space, **kwargs), generator

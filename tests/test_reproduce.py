@@ -71,7 +71,6 @@ def _patch_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
         return found
 
     monkeypatch.setattr(lvzoo.registry, "entry_points", with_toys)
-    monkeypatch.setattr(lvzoo.runners.plan, "entry_points", with_toys)
 
 
 @pytest.fixture

@@ -22,8 +22,7 @@ from torch import nn
 from lvzoo.runners import ConfigError, TerminatedError, TrainResult, evaluate_checkpoint, train
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.callbacks import Callback
-from lvzoo.runners.config import parse_value, split_overrides
-from lvzoo.runners.plan import RunPlan, plan_run
+from lvzoo.runners.plan import RunPlan, parse_value, plan_run, split_overrides
 from lvzoo.runners.plots import SUPPORT_STATISTICS, plot_decoder_calls
 from lvzoo.runners.trainer import Trainer, _epoch_metrics, build
 from tests.conftest import MlflowStore
@@ -311,13 +310,14 @@ def test_trainer_calls_the_hooks_in_order(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_checkpoint_of_an_older_format_is_refused_with_one_line(reference: TrainResult, tmp_path: Path) -> None:
     state = ckpt.load(reference.checkpoint)
-    assert state["format"] == 2 and state["support_per_epoch"][0]["support_median"] == NUM_CODES
-    state["format"] = 1  # the layout before resolved configs
-    old = tmp_path / ckpt.CHECKPOINT_NAME
-    ckpt.save_atomic(state, old)
-    for args in (["eval", str(old)], ["--resume", str(tmp_path)]):
-        line = error_line(invoke(args))
-        assert "checkpoint format 1 is not supported" in line and "reads format 2" in line, args
+    assert state["format"] == 3 and state["support_per_epoch"][0]["support_median"] == NUM_CODES
+    for older in (1, 2):  # 1: before resolved configs; 2: before the score-function family's baseline submodule
+        state["format"] = older
+        old = tmp_path / ckpt.CHECKPOINT_NAME
+        ckpt.save_atomic(state, old)
+        for args in (["eval", str(old)], ["--resume", str(tmp_path)]):
+            line = error_line(invoke(args))
+            assert f"checkpoint format {older} is not supported" in line and "reads format 3" in line, args
 
 
 def test_epoch_support_statistics_feed_the_decoder_calls_plot(tmp_path: Path) -> None:

@@ -17,12 +17,15 @@ import torch
 from torch import Tensor
 
 from lvzoo.estimators.base import Estimator, EstimatorResult, IncompatibleSpaceError, LossFn, evaluate_rows
+from lvzoo.estimators.baselines import MovingAverageBaseline
 from lvzoo.estimators.distributions import SamplingEstimator
 from lvzoo.estimators.gumbel import GumbelSoftmax, StraightThroughGumbel
 from lvzoo.estimators.score_function import (
     NVIL,
     SFE,
     NVILConfig,
+    ScoreFunction,
+    ScoreFunctionConfig,
     SelfCriticSFE,
     SFEConfig,
     SumAndSample,
@@ -131,18 +134,20 @@ class ScaledScoreSFE(SamplingEstimator[SFEConfig]):
         return EstimatorResult(surrogate, losses.detach(), dist.entropy(), ones)
 
 
-def fixed_baseline_sfe(space: LatentSpace, value: float) -> SFE:
-    """An SFE in eval mode whose moving-average baseline is frozen at ``value``."""
-    estimator = SFE(space).double().eval()
-    estimator.baseline.fill_(value)
-    estimator.baseline_updates.fill_(1)
+def fixed_baseline_sfe(space: LatentSpace, value: float, **config: Any) -> ScoreFunction:
+    """An SFE (or another sampler given by ``config``) in eval mode whose moving-average baseline is frozen at
+    ``value``."""
+    estimator = ScoreFunction(space, ScoreFunctionConfig(**config)).double().eval()
+    assert isinstance(estimator.baseline, MovingAverageBaseline)
+    estimator.baseline.value.fill_(value)
+    estimator.baseline.updates.fill_(1)
     return estimator
 
 
 def fixed_nvil(space: LatentSpace) -> NVIL:
     """An NVIL with a small, fixed (randomly initialised) baseline network, float64."""
     torch.manual_seed(5)
-    return NVIL(space, NVILConfig(hidden_sizes=(8,)), input_dim=INPUT_DIM).double()
+    return NVIL(space, NVILConfig(hidden_sizes=(8,))).double()
 
 
 UNBIASED: dict[str, Callable[[LatentSpace], Estimator[Any]]] = {
@@ -150,6 +155,12 @@ UNBIASED: dict[str, Callable[[LatentSpace], Estimator[Any]]] = {
     "sfe+": lambda space: SelfCriticSFE(space),
     "nvil": fixed_nvil,
     "sumsample": lambda space: SumAndSample(space),
+    # the family's other combinations: a baseline under the restricted sampler needs its correction term
+    "sumsample+moving_average": lambda space: fixed_baseline_sfe(space, 1.3, sampler="sum_and_sample"),
+    "sumsample+self_critic": lambda space: ScoreFunction(
+        space, ScoreFunctionConfig(sampler="sum_and_sample", baseline="self_critic")
+    ),
+    "plain-3+self_critic": lambda space: ScoreFunction(space, ScoreFunctionConfig(samples=3, baseline="self_critic")),
 }
 
 
@@ -157,7 +168,7 @@ UNBIASED: dict[str, Callable[[LatentSpace], Estimator[Any]]] = {
 @pytest.mark.parametrize("name", sorted(UNBIASED))
 def test_gradients_are_unbiased(name: str, space: LatentSpace) -> None:
     scores, decoder, exact = seeded_gradient_problem(space)
-    inputs = make_inputs() if name == "nvil" else None
+    inputs = make_inputs()
     score_draws, decoder_draws = draw_gradients(
         UNBIASED[name](space), scores, decoder, replicas=2000, groups=10, encoder_input=inputs
     )
@@ -238,7 +249,7 @@ def test_trained_nvil_baseline_beats_a_constant_baseline() -> None:
         loss: Tensor = decoder(z_rows, example_index % EXAMPLES)
         return loss + offsets[example_index % EXAMPLES]
 
-    nvil = NVIL(space, NVILConfig(hidden_sizes=(16,)), input_dim=INPUT_DIM).double()
+    nvil = NVIL(space, NVILConfig(hidden_sizes=(16,))).double()
     optimizer = torch.optim.Adam(nvil.parameters(), lr=0.1)
     for _ in range(60):
         optimizer.zero_grad()
@@ -268,11 +279,12 @@ def test_sfe_moving_average_baseline_updates_in_training_only() -> None:
         logged.append(float(result.logs["baseline"]))
     # first batch initialises, the second mixes with decay 0.5; the logged value is the pre-update baseline
     assert logged == [0.0, 2.0]
-    assert float(estimator.baseline) == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+    assert isinstance(estimator.baseline, MovingAverageBaseline)
+    assert float(estimator.baseline.value) == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
     estimator.eval()
     estimator(scores, lambda z, i: z.sum(-1) * 100.0)
-    assert float(estimator.baseline) == pytest.approx(3.0)
-    assert int(estimator.baseline_updates) == 2
+    assert float(estimator.baseline.value) == pytest.approx(3.0)
+    assert int(estimator.baseline.updates) == 2
 
 
 def sample_surrogates(estimator: Estimator[Any], scores: Tensor, inputs: Tensor | None) -> Tensor:
@@ -288,7 +300,7 @@ def test_state_dict_round_trip_restores_behaviour() -> None:
     inputs = make_inputs()
     trained_sfe = SFE(space).double()
     torch.manual_seed(0)
-    trained_nvil = NVIL(space, NVILConfig(hidden_sizes=(8,)), input_dim=INPUT_DIM).double()
+    trained_nvil = NVIL(space, NVILConfig(hidden_sizes=(8,))).double()
     optimizer = torch.optim.SGD(trained_nvil.parameters(), lr=0.1)
     for _ in range(3):
         sample_surrogates(trained_sfe, scores, None)
@@ -298,20 +310,29 @@ def test_state_dict_round_trip_restores_behaviour() -> None:
         optimizer.step()
     torch.manual_seed(1)
     fresh_sfe = SFE(space).double()
-    fresh_nvil = NVIL(space, NVILConfig(hidden_sizes=(8,)), input_dim=INPUT_DIM).double()
+    fresh_nvil = NVIL(space, NVILConfig(hidden_sizes=(8,))).double()
     pairs = ((trained_sfe.eval(), fresh_sfe.eval()), (trained_nvil.eval(), fresh_nvil.eval()))
     for trained, fresh in pairs:
         assert not torch.equal(sample_surrogates(fresh, scores, inputs), sample_surrogates(trained, scores, inputs))
         fresh.load_state_dict(trained.state_dict())
         assert torch.equal(sample_surrogates(fresh, scores, inputs), sample_surrogates(trained, scores, inputs))
-    assert set(trained_sfe.state_dict()) == {"baseline", "baseline_updates"}
-    assert float(fresh_sfe.baseline) != 0.0 and int(fresh_sfe.baseline_updates) == 3
+    assert set(trained_sfe.state_dict()) == {"baseline.value", "baseline.updates"}
+    assert isinstance(fresh_sfe.baseline, MovingAverageBaseline)
+    assert float(fresh_sfe.baseline.value) != 0.0 and int(fresh_sfe.baseline.updates) == 3
 
 
 ROWS_PER_EXAMPLE: dict[str, tuple[Callable[[LatentSpace], Estimator[Any]], int]] = {
     "sfe": (lambda space: SFE(space), 1),
     "sfe+": (lambda space: SelfCriticSFE(space), 2),
-    "nvil": (lambda space: NVIL(space, input_dim=INPUT_DIM), 1),
+    "nvil": (lambda space: NVIL(space), 1),
+    "sfe-4-samples+self_critic": (
+        lambda space: ScoreFunction(space, ScoreFunctionConfig(samples=4, baseline="self_critic")),
+        5,
+    ),
+    "sumsample-2-samples+self_critic": (
+        lambda space: SumAndSample(space, SumAndSampleConfig(samples=2, baseline="self_critic")),
+        4,
+    ),
     "sumsample": (lambda space: SumAndSample(space), 2),
     "sumsample-top3": (lambda space: SumAndSample(space, SumAndSampleConfig(top_k=3)), 4),
     "gumbel": (lambda space: GumbelSoftmax(space), 1),
@@ -377,16 +398,19 @@ def test_refusals_and_config_errors() -> None:
         with pytest.raises(IncompatibleSpaceError, match="budget=2"):
             cls(budgeted)
     with pytest.raises(IncompatibleSpaceError, match="budget=2"):
-        NVIL(budgeted, input_dim=INPUT_DIM)
-    with pytest.raises(ValueError, match="input_dim"):
-        NVIL(Categorical(3))
-    nvil = NVIL(Categorical(3), NVILConfig(hidden_sizes=(4,)), input_dim=INPUT_DIM).double()
+        NVIL(budgeted)
+    nvil = NVIL(Categorical(3), NVILConfig(hidden_sizes=(4,))).double()
     decoder = QuadraticDecoderLoss(Categorical(3), EXAMPLES)
     scores = make_scores(Categorical(3))
     with pytest.raises(ValueError, match="encoder_input"):
         nvil(scores, decoder)
-    with pytest.raises(ValueError, match="input_dim=4"):
+    nvil(scores, decoder, torch.zeros(EXAMPLES, 2, 2, dtype=torch.float64))  # sizes the baseline: width 4
+    with pytest.raises(ValueError, match=r"sized for encoder inputs of width 4, .* width 5"):
         nvil(scores, decoder, torch.zeros(EXAMPLES, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'baseline' must be in"):
+        ScoreFunctionConfig(baseline="learnt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'sampler' must be in"):
+        ScoreFunctionConfig(sampler="sum-and-sample")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"baseline_decay must be a number in \[0, 1\), got 1.0"):
         SFEConfig(baseline_decay=1.0)
     with pytest.raises(ValueError, match=r"baseline_decay .* got -0.1"):

@@ -91,7 +91,7 @@ def _task(data_dir: Path, estimator: str = "topksparse", **config: Any) -> BitVe
 def _estimator(task: BitVectorVAETask, name: str = "topksparse") -> Any:
     cls = registry.estimators.load(name)
     config = cls.config_class(**BitVectorVAETask.paper_settings(name, task.config).estimator)
-    return cls(task.latent_space(), config, input_dim=task.encoder_input_dim())
+    return cls(task.latent_space(), config)
 
 
 # -- registration --------------------------------------------------------------------------------------------
@@ -448,4 +448,4 @@ def test_paper_settings_follow_the_papers_table() -> None:
     assert (config("plugin").lr, estimator_values("plugin")) == (1e-3, {})  # outside the paper's table
     task = BitVectorVAETask(BitVectorVAEConfig(bits=32, budget=16), None, cpu)
     assert task.latent_space() == BitVector(32, 16)
-    assert task.encoder_input_dim() == PIXELS and BitVectorVAETask.default_epochs == 100
+    assert BitVectorVAETask.default_epochs == 100

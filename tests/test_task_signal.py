@@ -133,7 +133,7 @@ def test_vgg_feature_loader_reads_h5_and_pickle(tmp_path: Path) -> None:
     task = SignalGameTask(
         SignalGameConfig(features=str(tmp_path), num_candidates=3, batch_size=4, eval_limit=8, **SMALL), None, CPU
     )
-    assert task.encoder_input_dim() == 12
+    assert task.feature_dim() == 12
     batch = _batch(task)
     assert batch.candidates.shape == (4, 3, 12)
     output = task.train_step(_model(task), SparsemaxMarginal(task.latent_space()), batch)
@@ -390,7 +390,7 @@ def test_sparsemax_training_beats_chance(data_root: Path) -> None:
 def test_evaluate_returns_finite_metrics(data_root: Path, estimator_name: str) -> None:
     task = _task(data_root, estimator=estimator_name, eval_limit=64)
     model = _model(task)
-    estimator = registry.estimators.load(estimator_name)(task.latent_space(), input_dim=task.encoder_input_dim())
+    estimator = registry.estimators.load(estimator_name)(task.latent_space())
     for split in ("val", "test"):
         metrics = task.evaluate(model, estimator, split)
         exact = estimator_name in ("sparsemax", "softmax")
@@ -489,6 +489,6 @@ def test_registered_task_and_model(data_root: Path) -> None:
     assert registry.tasks.load("signal") is SignalGameTask
     assert registry.models.load("signal") is SignalGameModel
     task = _task(data_root)
-    assert task.latent_space() == Categorical(16) and task.encoder_input_dim() == RELU_FEATURE_WIDTH == 4096
+    assert task.latent_space() == Categorical(16) and task.feature_dim() == RELU_FEATURE_WIDTH == 4096
     assert SignalGameTask.default_epochs == 500
     assert attrs.fields(SignalGameConfig).num_candidates.default == 16

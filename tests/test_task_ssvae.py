@@ -25,9 +25,8 @@ from lvzoo.estimators.base import (
 from lvzoo.estimators.marginal import SoftmaxMarginal, SparsemaxMarginal
 from lvzoo.estimators.spaces import Categorical
 from lvzoo.models.ssvae import SSVAEModel
-from lvzoo.tasks.base import resolve_config
+from lvzoo.tasks.base import latent_terms, resolve_config
 from lvzoo.tasks.data import load_images, load_ssvae_splits
-from lvzoo.tasks.objective import latent_terms
 from lvzoo.tasks.ssvae import SSVAEBatch, SSVAEConfig, SSVAETask
 from lvzoo.tasks.ssvae_data import split_indices
 from tests.datasets import shared_or_random_root, write_random_datasets
@@ -55,7 +54,7 @@ def load_estimator(task: SSVAETask, name: str) -> Estimator[Any]:
     """The registered estimator ``name`` with the task's paper estimator config."""
     cls = registry.estimators.load(name)
     config = cls.config_class(**SSVAETask.paper_settings(name, task.config).estimator)
-    estimator: Estimator[Any] = cls(task.latent_space(), config, input_dim=task.encoder_input_dim())
+    estimator: Estimator[Any] = cls(task.latent_space(), config)
     return estimator
 
 
@@ -78,7 +77,6 @@ def sharpened_model(task: SSVAETask, seed: int, factor: float) -> SSVAEModel:
 def test_interface_shapes_and_batches(data_dir: Path) -> None:
     task = make_task(data_dir)
     assert task.latent_space() == Categorical(10)
-    assert task.encoder_input_dim() == 784
     data = task.data
     num_labelled, num_unlabelled = data.labelled_labels.shape[0], data.unlabelled_images.shape[0]
     assert num_labelled + num_unlabelled == SMALL["train_limit"]

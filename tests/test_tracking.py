@@ -24,9 +24,9 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from lvzoo.runners import MlflowTracker, default_tracking_uri, train
+from lvzoo.runners.callbacks import sqlite_artifact_location
 from lvzoo.runners.cli import main
 from lvzoo.runners.process import git_commit
-from lvzoo.runners.tracking import sqlite_artifact_location
 from tests.conftest import MlflowStore
 from tests.runner_toy import NUM_CODES, TemperedSoftmax, ToyTask
 
