@@ -3,8 +3,9 @@
 A baseline ``b`` centres the learning signal of each sampled row: the score term is ``(loss - b) * log pi(z)``.
 It may read the losses of extra, independent draws (``extra_samples``, e.g. the self-critic's second sample), the
 encoder input (the learned baseline) or its own running state (the moving average); it never reads the loss of
-the row it centres, so the estimate stays unbiased. Shapes: ``B`` examples, ``S`` sampled rows per example, ``E``
-extra rows per example.
+the row it centres, so the estimate stays unbiased (the leave-one-out baseline reads the *other* sampled rows,
+which are independent of it). :class:`SignalNormalizer` is NVIL's variance normalisation of the centred signal.
+Shapes: ``B`` examples, ``S`` sampled rows per example, ``E`` extra rows per example.
 """
 
 from __future__ import annotations
@@ -98,6 +99,31 @@ class SelfCriticBaseline(Baseline):
         return BaselineValue(value=extra_losses, logs={"baseline": extra_losses.mean()})
 
 
+class LeaveOneOutBaseline(Baseline):
+    """RLOO (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples, get a baseline for free!"): the baseline of
+    sampled row ``s`` is the mean loss of the other ``S - 1`` sampled rows, ``b_s = (sum_j loss_j - loss_s) / (S - 1)``.
+
+    The other rows are independent draws, so ``E[b_s grad log pi(z_s)] = 0``; needs ``samples >= 2``.
+    """
+
+    def __init__(self, samples: int) -> None:
+        super().__init__()
+        if samples < 2:
+            raise ValueError(
+                f"the leave_one_out baseline needs samples >= 2 (each sampled row is centred by the mean loss of "
+                f"the other samples), got samples={samples}"
+            )
+        self.samples = samples
+
+    def forward(
+        self, losses: Tensor, extra_losses: Tensor, encoder_input: Tensor | None, generator: torch.Generator | None
+    ) -> BaselineValue:
+        if losses.shape[-1] != self.samples:
+            raise ValueError(f"expected losses of {self.samples} samples per example, got shape {tuple(losses.shape)}")
+        others = (losses.sum(-1, keepdim=True) - losses) / (self.samples - 1)
+        return BaselineValue(value=others, logs={"baseline": others.mean()})
+
+
 class LearnedBaseline(Baseline):
     """NVIL's input-dependent baseline ``b(x)``: a ReLU MLP ``width -> hidden_sizes... -> 1`` on the flattened,
     detached encoder input, trained by the squared error ``(b(x) - mean_s loss_s)^2`` added to the surrogate.
@@ -160,8 +186,9 @@ class LearnedBaseline(Baseline):
         )
 
 
-def make_baseline(name: str, *, decay: float, hidden_sizes: Sequence[int]) -> Baseline:
-    """The :class:`Baseline` called ``name``: ``none``, ``moving_average``, ``self_critic`` or ``learned``."""
+def make_baseline(name: str, *, decay: float, hidden_sizes: Sequence[int], samples: int = 1) -> Baseline:
+    """The :class:`Baseline` called ``name``: ``none``, ``moving_average``, ``self_critic``, ``learned`` or
+    ``leave_one_out`` (which needs ``samples >= 2`` sampled rows per example)."""
     if name == "none":
         return NoBaseline()
     if name == "moving_average":
@@ -170,4 +197,39 @@ def make_baseline(name: str, *, decay: float, hidden_sizes: Sequence[int]) -> Ba
         return SelfCriticBaseline()
     if name == "learned":
         return LearnedBaseline(hidden_sizes)
-    raise ValueError(f"unknown baseline {name!r}; accepted: none, moving_average, self_critic, learned")
+    if name == "leave_one_out":
+        return LeaveOneOutBaseline(samples)
+    raise ValueError(f"unknown baseline {name!r}; accepted: none, moving_average, self_critic, learned, leave_one_out")
+
+
+class SignalNormalizer(nn.Module):
+    """NVIL's variance normalisation (Mnih & Gregor 2014, section 3.3 / appendix): the centred learning signal
+    ``loss - b`` is divided by ``max(1, sqrt(v))``, ``v`` an exponential moving average of its variance.
+
+    ``decay`` is the weight of the old value (the paper's smoothing factor alpha = 0.8). The variance of a batch is
+    that of all its centred signals ``[B, S]`` around their mean. Like :class:`MovingAverageBaseline`, ``v`` is
+    initialised by the first training batch and updated after each training-mode forward, so the scale a step
+    uses never depends on that step's samples: the score term is the unbiased one divided by a positive constant.
+    The ``max(1, .)`` only ever shrinks the signal (small signals are not amplified), as in the paper. State: the
+    buffers ``variance`` and ``updates``.
+    """
+
+    variance: Tensor
+    updates: Tensor
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("variance", torch.ones(()))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, signal: Tensor) -> tuple[Tensor, Tensor]:
+        """``(signal / scale, scale)`` for the detached centred ``signal [B, S]``; ``scale`` is a scalar tensor."""
+        scale = self.variance.to(signal.dtype, copy=True).sqrt().clamp_min(1.0)
+        if self.training:
+            with torch.no_grad():
+                batch_variance = signal.var(unbiased=False).to(self.variance.dtype)
+                moving = self.decay * self.variance + (1.0 - self.decay) * batch_variance
+                self.variance.copy_(torch.where(self.updates > 0, moving, batch_variance))
+                self.updates += 1
+        return signal / scale, scale

@@ -103,6 +103,17 @@ class EncoderDistribution(abc.ABC):
         """The category of each hard one-hot row ``[R, N]`` -> ``[R]``, or ``None`` where rows are not one-hot."""
         return None
 
+    def conditional_noise(self, hard: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
+        """``samples`` draws of the relaxation noise conditioned on the hard sample it yields, ``[B, samples, N]``
+        (detached): given exact hard rows ``hard [B, N]`` of pi, each draw is distributed as the noise whose
+        argmax / threshold is ``hard`` (for Gumbel-Rao, Paulus, Maddison & Krause 2021)."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional relaxation noise")
+
+    def relax(self, noise: Tensor, temperature: Tensor) -> Tensor:
+        """The relaxed sample of given noise ``[B, ..., N]`` at ``temperature``, differentiable w.r.t. the scores:
+        ``softmax((scores + noise) / tau)`` or ``sigmoid((t + noise) / tau)``, broadcasting the scores over ``...``."""
+        raise NotImplementedError(f"{type(self).__name__} has no relaxation")
+
 
 class CategoricalDistribution(EncoderDistribution):
     """``pi = softmax(scores)`` over ``K`` classes; assignments are one-hot rows."""
@@ -136,6 +147,26 @@ class CategoricalDistribution(EncoderDistribution):
 
     def categories(self, z_rows: Tensor) -> Tensor:
         return z_rows.argmax(-1)
+
+    def conditional_noise(self, hard: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
+        """Gumbel noise ``G`` given ``argmax(scores + G) = k`` (``hard`` one-hot at ``k``), ``[B, samples, K]``.
+
+        Given the argmax, the perturbed maximum is ``Gumbel(logsumexp(scores))`` and every other perturbed logit
+        ``x_j`` is ``Gumbel(scores_j)`` truncated to ``x_j < max``, independently; inverting the truncated CDF with
+        ``E_j = -log(u_j)`` gives ``x_j = scores_j - log(E_j + exp(scores_j - max))`` (computed in log space).
+        """
+        logits = self.scores.detach().unsqueeze(1)
+        shape = (logits.shape[0], samples, logits.shape[-1])
+        log_exponential = torch.log(-torch.log(_uniform(logits.expand(shape), generator)))
+        chosen = hard.unsqueeze(1).expand(shape) > 0.5
+        top_log_exponential = log_exponential.masked_fill(~chosen, 0.0).sum(-1, keepdim=True)
+        maximum = torch.logsumexp(logits, -1, keepdim=True) - top_log_exponential
+        below = logits - torch.logaddexp(log_exponential, logits - maximum)
+        return torch.where(chosen, maximum, below) - logits
+
+    def relax(self, noise: Tensor, temperature: Tensor) -> Tensor:
+        scores = self.scores.reshape(self.scores.shape[0], *[1] * (noise.dim() - 2), self.scores.shape[-1])
+        return torch.softmax((scores + noise) / temperature, dim=-1)
 
     def top_k_split(self, k: int, generator: torch.Generator | None) -> TopKSplit:
         logits = self.scores.detach()
@@ -171,8 +202,37 @@ class BernoulliDistribution(EncoderDistribution):
         noise = _logistic(self.scores.detach(), generator)
         return torch.sigmoid((self.scores + noise) / temperature)
 
+    def antithetic_pair(self, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Two exact samples ``(b, b_tilde)``, each ``[B, D]`` (no gradient), from one shared logistic noise ``eps``:
+        ``b = 1[t + eps > 0]`` (as :meth:`sample`) and ``b_tilde = 1[t - eps > 0]`` (``-eps`` is logistic too).
+
+        In uniform terms (``eps = logit(u)``): ``b = 1[1 - u < sigmoid(t)]``, ``b_tilde = 1[u < sigmoid(t)]``, the
+        antithetic pair of ARM / DisARM (Yin & Zhou 2019; Dong, Mnih & Tucker 2020).
+        """
+        logits = self.scores.detach()
+        noise = _logistic(logits, generator)
+        return (logits + noise > 0).to(logits.dtype), (logits - noise > 0).to(logits.dtype)
+
     def harden(self, relaxed: Tensor) -> Tensor:
         return (relaxed.detach() > 0.5).to(relaxed.dtype)
+
+    def conditional_noise(self, hard: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
+        """Logistic noise ``L`` given ``1[t + L > 0] = hard``, ``[B, samples, D]``.
+
+        With ``s = 2 hard - 1`` and ``a = s t`` the condition is ``s L > -a``; ``s L`` is logistic truncated to
+        ``(-a, inf)``, i.e. ``logit(U)`` for ``U = sigmoid(-a) + sigmoid(a) V``, ``V`` uniform (in log space).
+        """
+        sign = (2.0 * hard - 1.0).unsqueeze(1)
+        a = sign * self.scores.detach().unsqueeze(1)
+        shape = (a.shape[0], samples, a.shape[-1])
+        v = _uniform(a.expand(shape), generator)
+        log_u = torch.logaddexp(F.logsigmoid(-a), F.logsigmoid(a) + torch.log(v))
+        log_one_minus_u = F.logsigmoid(a) + torch.log1p(-v)
+        return sign * (log_u - log_one_minus_u)
+
+    def relax(self, noise: Tensor, temperature: Tensor) -> Tensor:
+        scores = self.scores.reshape(self.scores.shape[0], *[1] * (noise.dim() - 2), self.scores.shape[-1])
+        return torch.sigmoid((scores + noise) / temperature)
 
     def top_k_split(self, k: int, generator: torch.Generator | None) -> TopKSplit:
         """Top-1 only: the MAP ``m`` (bit i on iff t_i >= 0) and an exact draw from pi given ``z != m``.

@@ -2,13 +2,15 @@
 
 - a **sampler** (``sampler``): ``plain`` draws ``samples`` rows from pi; ``sum_and_sample`` sums the ``top_k`` most
   probable assignments exactly and draws ``samples`` rows from pi restricted to the rest (Liu et al. 2019);
-- a **baseline** (``baseline``, :mod:`lvzoo.estimators.baselines`): ``none``, ``moving_average``, ``self_critic``
-  or ``learned`` (NVIL's ``b(x)``);
+- a **baseline** (``baseline``, :mod:`lvzoo.estimators.baselines`): ``none``, ``moving_average``, ``self_critic``,
+  ``learned`` (NVIL's ``b(x)``) or ``leave_one_out`` (RLOO: the mean loss of the other ``S - 1`` samples);
 - the **gradient rule**, the score-function identity ``grad E[f] = E[f grad log pi + grad f]`` with the baseline
-  subtracted from ``f`` in the score term.
+  subtracted from ``f`` in the score term, optionally divided by a running standard deviation (``normalize_signal``,
+  NVIL's variance normalisation: the score gradient is then unbiased up to a positive scale).
 
 The registered names are presets of this one estimator: ``sfe`` (plain + moving average), ``sfe+`` (plain +
-self-critic), ``nvil`` (plain + learned) and ``sumsample`` (sum-and-sample, no baseline); any preset takes the other
+self-critic), ``nvil`` (plain + learned), ``rloo`` (plain, 4 samples + leave-one-out) and ``sumsample``
+(sum-and-sample, no baseline); any preset takes the other
 fields too (``--estimator sfe --set baseline=learned``). Each works for ``Categorical(K)`` and ``BitVector(D)``
 without budget and returns a surrogate whose gradient is an unbiased estimate of the gradient of ``E_pi[loss]``
 w.r.t. the scores and the decoder parameters. Shapes: ``B`` examples, rows of width ``N = space.size``; per example
@@ -24,13 +26,13 @@ import torch
 from torch import Tensor
 
 from lvzoo.estimators.base import EstimatorConfig, EstimatorResult, LossFn, evaluate_rows
-from lvzoo.estimators.baselines import make_baseline
+from lvzoo.estimators.baselines import SignalNormalizer, make_baseline
 from lvzoo.estimators.distributions import EncoderDistribution, SamplingEstimator
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
 from lvzoo.estimators.validators import number_in, positive_int, positive_int_tuple
 
 SamplerName = Literal["plain", "sum_and_sample"]
-BaselineName = Literal["none", "moving_average", "self_critic", "learned"]
+BaselineName = Literal["none", "moving_average", "self_critic", "learned", "leave_one_out"]
 
 
 def _to_int_tuple(value: object) -> tuple[int, ...]:
@@ -40,15 +42,18 @@ def _to_int_tuple(value: object) -> tuple[int, ...]:
 
 
 _SAMPLERS = attrs.validators.in_(("plain", "sum_and_sample"))
-_BASELINES = attrs.validators.in_(("none", "moving_average", "self_critic", "learned"))
+_BASELINES = attrs.validators.in_(("none", "moving_average", "self_critic", "learned", "leave_one_out"))
 
 
 @attrs.frozen
 class ScoreFunctionConfig(EstimatorConfig):
     """``sampler``: ``plain`` | ``sum_and_sample``; ``samples``: sampled rows per example (S >= 1); ``top_k``:
     rows summed exactly by ``sum_and_sample`` (the paper's code: 1; bit vectors support 1 only); ``baseline``:
-    ``none`` | ``moving_average`` | ``self_critic`` | ``learned``; ``baseline_decay`` in [0, 1): weight of the old
-    value in the moving average; ``hidden_sizes``: ReLU layers of the learned baseline (the paper's: 512, 512, 512).
+    ``none`` | ``moving_average`` | ``self_critic`` | ``learned`` | ``leave_one_out`` (needs ``samples >= 2``);
+    ``baseline_decay`` in [0, 1): weight of the old value in the moving average; ``hidden_sizes``: ReLU layers of
+    the learned baseline (the paper's: 512, 512, 512); ``normalize_signal``: divide the centred signal by
+    ``max(1, running std)`` (NVIL's variance normalisation; plain sampler only), whose running variance has weight
+    ``normalize_decay`` (NVIL's alpha = 0.8) on the old value.
     """
 
     sampler: SamplerName = attrs.field(default="plain", validator=_SAMPLERS)
@@ -61,6 +66,20 @@ class ScoreFunctionConfig(EstimatorConfig):
     hidden_sizes: tuple[int, ...] = attrs.field(
         default=(512, 512, 512), converter=_to_int_tuple, validator=positive_int_tuple
     )
+    normalize_signal: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    normalize_decay: float = attrs.field(default=0.8, validator=number_in(0, 1, high_open=True))
+
+    def __attrs_post_init__(self) -> None:
+        if self.baseline == "leave_one_out" and self.samples < 2:
+            raise ValueError(
+                f"baseline=leave_one_out needs samples >= 2 (each sample is centred by the mean loss of the others), "
+                f"got samples={self.samples}"
+            )
+        if self.normalize_signal and self.sampler != "plain":
+            raise ValueError(
+                "normalize_signal applies to sampler=plain only: with sum_and_sample the exactly summed rows' "
+                "gradient would not be rescaled with the sampled ones, so the gradient direction would change"
+            )
 
 
 @attrs.frozen
@@ -101,6 +120,9 @@ class ScoreFunction(SamplingEstimator[ScoreFunctionConfig]):
         surrogate = sum_exact pi(z) loss(z) + w * mean_s [loss(z_s) + (loss(z_s) - b_s).detach() * log pi(z_s)]
                     - b.detach() * (pi(exact) - pi(exact).detach()) + penalty
 
+    With ``normalize_signal`` the centred signal ``(loss(z_s) - b_s)`` is divided by ``max(1, running std)`` (a
+    constant given the past steps), so the score gradient is the unbiased one divided by that positive scale, while
+    the pathwise term ``loss(z_s)`` (the decoder gradient) is untouched and stays unbiased; logs ``signal_scale``.
     The third term (zero in value) restores unbiasedness when a baseline meets the restricted sampler:
     ``E[grad log pi(z_s)] = grad(1 - pi(exact)) / w`` there, not 0. The objective is
     ``sum_exact pi loss + w * mean`` of all ``S + E`` sampled losses (each an unbiased estimate). Logs the
@@ -123,7 +145,10 @@ class ScoreFunction(SamplingEstimator[ScoreFunctionConfig]):
                 raise ValueError(f"top_k must be in [1, K-1={space.K - 1}] for {space!r}, got top_k={config.top_k}")
             if isinstance(space, BitVector) and config.top_k != 1:
                 raise ValueError(f"Sum&Sample on bit vectors supports top_k=1 (the MAP) only, got top_k={config.top_k}")
-        self.baseline = make_baseline(config.baseline, decay=config.baseline_decay, hidden_sizes=config.hidden_sizes)
+        self.baseline = make_baseline(
+            config.baseline, decay=config.baseline_decay, hidden_sizes=config.hidden_sizes, samples=config.samples
+        )
+        self.normalizer = SignalNormalizer(config.normalize_decay) if config.normalize_signal else None
 
     def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
         """Scores ``[B, N]`` -> ``[B]`` results; loss rows ``[B * (k + S + E), N]`` grouped by example."""
@@ -142,7 +167,11 @@ class ScoreFunction(SamplingEstimator[ScoreFunctionConfig]):
         baseline = self.baseline(sampled.detach(), drawn_losses[:, samples:].detach(), encoder_input, self.generator)
         b = baseline.value.to(losses.dtype).expand_as(sampled)
         log_probs = torch.stack([dist.log_prob(draw.sampled_rows[:, s]) for s in range(samples)], dim=1)
-        score_term = (sampled + (sampled - b).detach() * log_probs).mean(-1)
+        signal = (sampled - b).detach()
+        scale: Tensor | None = None
+        if self.normalizer is not None:
+            signal, scale = self.normalizer(signal)
+        score_term = (sampled + signal * log_probs).mean(-1)
         exact_probs = draw.exact_log_probs.exp()
         exact_mass = exact_probs.sum(-1)
         surrogate = (exact_probs * exact_losses).sum(-1) + draw.weight * score_term + baseline.penalty
@@ -150,6 +179,8 @@ class ScoreFunction(SamplingEstimator[ScoreFunctionConfig]):
             surrogate = surrogate - b.detach().mean(-1) * (exact_mass - exact_mass.detach())
         objective = (exact_probs * exact_losses).detach().sum(-1) + draw.weight * drawn_losses.detach().mean(-1)
         logs = dict(baseline.logs)
+        if scale is not None:
+            logs["signal_scale"] = scale
         if exact:
             logs["summed_mass"] = exact_mass.detach().mean()
         return EstimatorResult(
@@ -201,10 +232,27 @@ class NVILConfig(ScoreFunctionConfig):
 
 class NVIL(ScoreFunction):
     """``nvil``: 1 row per example, ``b(x)`` an MLP on the encoder input trained by squared error through the same
-    backward pass (add the estimator's parameters to the optimizer). NVIL's variance normalisation is not applied
-    (Adam is largely invariant to the gradient scale)."""
+    backward pass (add the estimator's parameters to the optimizer). NVIL's variance normalisation is off by default
+    (Adam is largely invariant to the gradient scale); ``normalize_signal=True`` turns it on."""
 
     config_class = NVILConfig
+
+
+@attrs.frozen
+class RLOOConfig(ScoreFunctionConfig):
+    """``rloo``: plain sampling of 4 rows with the leave-one-out baseline (Kool et al. 2019 use 4 samples)."""
+
+    samples: int = attrs.field(default=4, validator=positive_int)
+    baseline: BaselineName = attrs.field(
+        default="leave_one_out", validator=_BASELINES
+    )
+
+
+class RLOO(ScoreFunction):
+    """RLOO (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples, get a baseline for free!", ``rloo``): ``S``
+    rows per example (default 4, at least 2), each centred by the mean loss of the other ``S - 1``; unbiased."""
+
+    config_class = RLOOConfig
 
 
 @attrs.frozen

@@ -25,6 +25,8 @@ database file; a remote ``http(s)://`` server chooses its own artifact location.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from collections.abc import Mapping
 from contextlib import suppress
@@ -35,8 +37,12 @@ from torch import Tensor
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from lvzoo.runners import checkpoint as ckpt
+from lvzoo.runners.errors import ConfigError, one_line
 from lvzoo.runners.plan import RunPlan
 from lvzoo.runners.plots import plot_decoder_calls
+from lvzoo.runners.process import RetryingClient, retry_locked
+from lvzoo.runners.process import default_tracking_uri as default_tracking_uri
+from lvzoo.runners.process import sqlite_artifact_location as sqlite_artifact_location
 
 if TYPE_CHECKING:
     from lvzoo.runners.trainer import Trainer
@@ -47,22 +53,10 @@ if TYPE_CHECKING:
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 #: Tag holding a run's run dir (where its checkpoint is), so ``--resume RUN_ID`` can find the checkpoint.
 RUN_DIR_TAG = "lvzoo.run_dir"
+#: Tag holding the one-line message of the error that stopped a FAILED (or KILLED) run.
+ERROR_TAG = "lvzoo.error"
 #: MLflow accepts at most this many params / metrics per ``log_batch`` call.
 _BATCH_LIMIT = 100
-
-
-def default_tracking_uri(cwd: Path | None = None) -> str:
-    """``sqlite:///<cwd>/mlflow.db`` (absolute)."""
-    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
-
-
-def sqlite_artifact_location(tracking_uri: str) -> str | None:
-    """``file://`` URI of the ``mlruns`` folder next to an ``sqlite:///`` database, else ``None``."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return None
-    database = Path(tracking_uri[len(prefix) :])
-    return (database.resolve().parent / "mlruns").as_uri()
 
 
 class Tracker(Protocol):
@@ -99,15 +93,29 @@ class Tracker(Protocol):
     def end(self, status: RunStatus) -> None:
         """Mark the run terminated with ``status``."""
 
+    def describe(self, description: str, dataset: Mapping[str, Any]) -> None:
+        """Mark the run's experiment as model training with ``description``; log ``dataset`` (``name``, ``digest``,
+        ``source`` and the split sizes ``splits``) as the run's training input."""
+
 
 class MlflowTracker:
-    """:class:`Tracker` backed by :class:`mlflow.tracking.MlflowClient` (imported lazily: it is slow)."""
+    """:class:`Tracker` backed by :class:`mlflow.tracking.MlflowClient` (imported lazily: it is slow); calls are
+    retried while another process holds an sqlite store's lock."""
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        for noisy in ("mlflow", "alembic"):  # their INFO lines (database creation, migrations) are not ours to print
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri or default_tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        try:
+            self.client: Any = RetryingClient(retry_locked(MlflowClient, tracking_uri=self.tracking_uri))
+            self.client.search_experiments(max_results=1)  # opens (and if needed creates) the store now
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot open the tracking store {self.tracking_uri!r}: {type(exc).__name__}: "
+                f"{one_line(str(exc))[:200]} (check --tracking-uri)"
+            ) from None
         self._run_id: str | None = None
 
     @property
@@ -174,6 +182,24 @@ class MlflowTracker:
 
     def end(self, status: RunStatus) -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def describe(self, description: str, dataset: Mapping[str, Any]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        # without the kind, MLflow 3 opens the experiment on its GenAI traces page ("No data")
+        self.client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+        self.client.set_experiment_tag(experiment_id, "mlflow.note.content", description)
+        splits = dict(dataset.get("splits", {}))
+        record = Dataset(
+            name=str(dataset["name"]),
+            digest=str(dataset["digest"])[:36],
+            source_type="local",
+            source=json.dumps({"uri": str(dataset.get("source", ""))}),
+            profile=json.dumps({"num_rows": sum(splits.values()), "splits": splits}),
+        )
+        context = InputTag(key="mlflow.data.context", value="training")
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=record, tags=[context])])
 
 
 # --- callbacks ------------------------------------------------------------------------------------------------
@@ -243,6 +269,22 @@ class ProgressCallback(Callback):
         self._close()
 
 
+class EpochLineCallback(Callback):
+    """One line per epoch on stderr (for logs and cluster jobs, where bars do not render): the epoch, the training
+    loss, the task's selection metric, the support and the timing; then one line with the test metrics."""
+
+    def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        selection = self.trainer.components.task.selection_metric[0]
+        shown = {key: metrics[key] for key in ("train_loss", selection, "support_mean") if key in metrics}
+        values = "  ".join(f"{key} {value:.5g}" for key, value in shown.items())
+        timing = f"{metrics.get('epoch_time_s', 0.0):.1f} s + val {metrics.get('val_time_s', 0.0):.1f} s"
+        print(f"epoch {epoch + 1}/{self.trainer.epochs}  {values}  ({timing})", file=sys.stderr, flush=True)
+
+    def on_test_end(self, metrics: Mapping[str, float]) -> None:
+        values = "  ".join(f"{key} {value:.5g}" for key, value in sorted(metrics.items()))
+        print(f"test  {values}", file=sys.stderr, flush=True)
+
+
 class CheckpointCallback(Callback):
     """Writes ``path`` atomically after every epoch and, marked finished with the test metrics, at the end.
 
@@ -276,14 +318,14 @@ class CheckpointCallback(Callback):
             "run_dir": str(self.path.parent),
             "finished": False,
         }
-        ckpt.save_atomic(state, self.path)
+        ckpt.save_checkpoint(state, self.path)
         self.saved = True
 
     def on_train_end(self, metrics: Mapping[str, float]) -> None:
         # The final checkpoint is the last epoch's (RNG states from before testing) marked finished.
-        final = ckpt.load(self.path) if self.saved else dict(self.resumed or {})
+        final = ckpt.load_checkpoint(self.path)[0] if self.saved else dict(self.resumed or {})
         final.update({"finished": True, "test_metrics": dict(metrics), "epochs": self.plan.epochs})
-        ckpt.save_atomic(final, self.path)
+        ckpt.save_checkpoint(final, self.path)
 
 
 class DecoderCallsPlotCallback(Callback):
@@ -313,8 +355,16 @@ class TrackingCallback(Callback):
             {RUN_DIR_TAG: str(self.run_dir), "device": str(self.plan.device), "epochs": str(self.plan.epochs)}
         )
         config_path = self.run_dir / "config.json"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run directory {str(self.run_dir)!r}: {exc.strerror or exc} "
+                "(choose another --run-dir)"
+            ) from None
         config_path.write_text(json.dumps(self.plan.to_dict(), indent=2) + "\n")
+        task = trainer.components.task
+        self.tracker.describe(task.description(), task.dataset_description())
         if self.resumed:  # a crash between checkpoint and logging leaves the checkpointed epoch's metrics missing
             step = trainer.state.completed_epochs - 1
             metrics = trainer.state.epoch_metrics
@@ -341,5 +391,7 @@ class TrackingCallback(Callback):
         self.tracker.end("FINISHED")
 
     def on_train_failed(self, error: BaseException) -> None:
+        with suppress(Exception):
+            self.tracker.set_tags({ERROR_TAG: " ".join(f"{type(error).__name__}: {error}".split())[:4000]})
         with suppress(Exception):
             self.tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

@@ -8,80 +8,31 @@ single ``Error: ...`` line on stderr.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from lvzoo import registry
-from lvzoo.estimators.base import describe_config
-from lvzoo.runners.plan import ConfigError, one_line
-from lvzoo.runners.process import TerminatedError
-from lvzoo.runners.trainer import Split, evaluate_checkpoint, train
+from lvzoo.runners.cli_common import DEBUG_ENV
+from lvzoo.runners.cli_common import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from lvzoo.runners.cli_common import EXIT_TERMINATED as EXIT_TERMINATED
+from lvzoo.runners.cli_common import EXIT_USAGE as EXIT_USAGE
+from lvzoo.runners.cli_common import Group as _Group
+from lvzoo.runners.cli_common import OneLineError as _OneLineError
+from lvzoo.runners.cli_common import data_dir_option as _data_dir_option
+from lvzoo.runners.cli_common import device_option as _device_option
+from lvzoo.runners.cli_common import interrupt_exit as _interrupt_exit
+from lvzoo.runners.cli_common import parse_assignments as parse_assignments
+from lvzoo.runners.cli_common import tracking_uri_option as _tracking_uri_option
+from lvzoo.runners.errors import ConfigError, one_line
+from lvzoo.runners.sweep_cli import address_option, sweep_command
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
-
-
-def parse_assignments(assignments: Iterable[str]) -> dict[str, str]:
-    """``["a=1", "task.b=x"]`` -> ``{"a": "1", "task.b": "x"}``; refuses items without ``=``."""
-    parsed: dict[str, str] = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        parsed[key] = value.strip()
-    return parsed
-
-
-class _OneLineError(click.ClickException):
-    """A user error shown as one ``Error: ...`` line (click's usage errors span several lines)."""
-
-    exit_code = EXIT_USAGE
-
-    def __init__(self, message: str) -> None:
-        super().__init__(one_line(message))
-
-
-class _Group(click.Group):
-    """Click group whose usage errors (bad options, unknown commands) are one line too."""
-
-    def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as exc:
-            raise _OneLineError(exc.format_message()) from None
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            raise _OneLineError(exc.format_message()) from None
-
-
-def _interrupt_exit(exc: KeyboardInterrupt) -> int:
-    return EXIT_TERMINATED if isinstance(exc, TerminatedError) else EXIT_INTERRUPTED
-
-
-#: Options shared by several commands.
-_device_option = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-_tracking_uri_option = click.option(
-    "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)."
-)
-_data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    envvar="LVZOO_DATA",
-    default=None,
-    help="Dataset directory passed to the task [env: LVZOO_DATA].",
-)
+if TYPE_CHECKING:
+    from lvzoo.runners.trainer import Split
 
 
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,6 +57,8 @@ _data_dir_option = click.option(
     default=None,
     help="Where checkpoints go (default: <cwd>/runs/<run id>).",
 )
+@click.option("--quiet", is_flag=True, help="No progress output (neither bars nor per-epoch lines).")
+@click.option("--debug", is_flag=True, help=f"Full tracebacks for expected failures too [env: {DEBUG_ENV}=1].")
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -119,10 +72,21 @@ def main(
     data_dir: Path | None,
     resume: str | None,
     run_dir: Path | None,
+    quiet: bool,
+    debug: bool,
 ) -> None:
-    """Train TASK with ESTIMATOR and track the run in MLflow (or run a subcommand)."""
+    """Train TASK with ESTIMATOR and track the run in MLflow (or run a subcommand).
+
+    Progress: tqdm bars on a terminal, one line per epoch otherwise (log files, cluster jobs), none with --quiet or
+    under CI=true. Expected failures (bad configuration, data or checkpoint not found or unreadable, unwritable run
+    directory or tracking store, a full disk, non-finite training) print one ``Error:`` line and exit 2.
+    """
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
     if ctx.invoked_subcommand is not None:
         return
+    from lvzoo.runners.trainer import train
+
     if resume is None and (task_name is None or estimator_name is None):
         raise _OneLineError("--task and --estimator are required (or --resume RUN); see `runner list`")
     try:
@@ -137,6 +101,7 @@ def main(
             data_dir=data_dir,
             resume=resume,
             run_dir=run_dir,
+            progress=False if quiet else None,
         )
     except ConfigError as exc:
         raise _OneLineError(str(exc)) from None
@@ -155,6 +120,8 @@ def _format_default(value: Any) -> str:
 
 
 def _config_lines(config_class: type[Any]) -> list[str]:
+    from lvzoo.estimators.base import describe_config
+
     rows = describe_config(config_class)
     if not rows:
         return ["      (no hyper-parameters)"]
@@ -201,6 +168,8 @@ def list_plugins() -> None:
 @_data_dir_option
 def eval_checkpoint(checkpoint: Path, split: Split, final: bool, device: str, data_dir: Path | None) -> None:
     """Evaluate CHECKPOINT (a checkpoint file or run dir) and print its metrics as JSON."""
+    from lvzoo.runners.trainer import evaluate_checkpoint
+
     try:
         metrics = evaluate_checkpoint(checkpoint, split, final=final, device=device, data_dir=data_dir)
     except ConfigError as exc:
@@ -249,6 +218,9 @@ def eval_checkpoint(checkpoint: Path, split: Split, final: bool, device: str, da
     metavar="ID",
     help="Rebuild the report of an earlier reproduction from MLflow (its reproduce id); trains nothing.",
 )
+@address_option
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True, help="CPUs per run (with --address).")
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True, help="GPUs per run (with --address).")
 def reproduce_command(
     task_name: str | None,
     estimators: str | None,
@@ -261,10 +233,14 @@ def reproduce_command(
     out: Path | None,
     device: str,
     report_only: str | None,
+    address: str | None,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
 ) -> None:
     """Train the task's paper estimator set for every seed, in parallel, and write a markdown results table.
 
-    Exits 1 (after writing the report) when any run failed.
+    Exits 1 (after writing the report) when any run failed. With --address (``local``: a local Ray instance) the
+    runs are Ray tasks on that cluster instead of a process pool; the report is the same.
     """
     from lvzoo.runners.reproduce_plan import parse_seeds, plan_reproduction
     from lvzoo.runners.reproduce_report import render_report, report_from_mlflow
@@ -285,8 +261,16 @@ def reproduce_command(
                 device=device,
                 data_dir=data_dir.resolve() if data_dir is not None else None,
             )
+            if gpus_per_trial > 0 and not device.startswith(("cuda", "auto")):
+                raise _OneLineError("--gpus-per-trial needs --device cuda or auto (the runs would ignore their GPUs)")
             report = run_reproduction(
-                plan, jobs=jobs, tracking_uri=tracking_uri, echo=lambda line: click.echo(line, err=True)
+                plan,
+                jobs=jobs,
+                tracking_uri=tracking_uri,
+                echo=lambda line: click.echo(line, err=True),
+                address=address,
+                cpus_per_run=cpus_per_trial,
+                gpus_per_run=gpus_per_trial,
             )
     except ConfigError as exc:
         raise _OneLineError(str(exc)) from None
@@ -300,3 +284,6 @@ def reproduce_command(
     click.echo(f"report written to {path}", err=True)
     if report.failed:
         sys.exit(1)
+
+
+main.add_command(sweep_command)

@@ -27,6 +27,8 @@ import torch
 
 from lvzoo import registry
 from lvzoo.estimators.base import Estimator
+from lvzoo.runners.errors import ConfigError as ConfigError
+from lvzoo.runners.errors import one_line as one_line
 from lvzoo.tasks.base import Task, TaskConfig, resolve_config
 
 # --- overrides and configs ------------------------------------------------------------------------------------
@@ -35,15 +37,6 @@ TASK_PREFIX = "task."
 ESTIMATOR_PREFIX = "estimator."
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
-
-
-class ConfigError(ValueError):
-    """An invalid run configuration; the message is a single line meant for the user."""
-
-
-def one_line(message: str) -> str:
-    """Collapse a (possibly multi-line) message into one line."""
-    return " ".join(message.split())
 
 
 def field_types(config_class: type[Any]) -> dict[str, Any]:
@@ -322,13 +315,16 @@ def _stored_class(entry: Mapping[str, Any], reg: registry.Registry[Any]) -> type
 
 
 def device_of(device: str | torch.device) -> torch.device:
-    """``torch.device(device)``, refusing bad names and CUDA on a machine without it."""
+    """``torch.device(device)`` (``"auto"``: CUDA when available, else the CPU), refusing bad names and CUDA on a
+    machine without it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch_device = torch.device(device)
     except RuntimeError as exc:
-        raise ConfigError(f"bad device {device!r}: {one_line(str(exc))}; accepted: cpu, cuda, cuda:N") from None
+        raise ConfigError(f"bad device {device!r}: {one_line(str(exc))}; accepted: auto, cpu, cuda, cuda:N") from None
     if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available; accepted: cpu")
+        raise ConfigError("device 'cuda' requested but CUDA is not available; accepted: auto, cpu")
     return torch_device
 
 

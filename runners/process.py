@@ -1,16 +1,20 @@
-"""The process around a run: SIGTERM as an exception, the git commit, progress-bar and data-dir defaults."""
+"""The process around a run: SIGTERM as an exception, the git commit, the progress, data-dir and tracking-store
+defaults, and retries while another process holds an sqlite store's lock."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any, Literal
 
 
 class TerminatedError(KeyboardInterrupt):
@@ -46,12 +50,68 @@ def git_commit(cwd: Path) -> str | None:
     return commit if done.returncode == 0 and commit else None
 
 
-def show_progress() -> bool:
-    """Progress bars by default: on a terminal, outside CI."""
-    return sys.stderr.isatty() and os.environ.get("CI", "").lower() != "true"
+ProgressStyle = Literal["bars", "lines", "none"]
+PROGRESS_STYLES: tuple[ProgressStyle, ...] = ("bars", "lines", "none")
+
+
+def progress_style() -> ProgressStyle:
+    """How a run shows progress by default: ``$LVZOO_PROGRESS`` when set to one of :data:`PROGRESS_STYLES`, else
+    nothing under CI (``CI=true``), tqdm bars on a terminal, and one line per epoch otherwise (a log file, a job)."""
+    chosen = os.environ.get("LVZOO_PROGRESS", "").strip().lower()
+    if chosen in PROGRESS_STYLES:
+        return chosen
+    if os.environ.get("CI", "").lower() == "true":
+        return "none"
+    return "bars" if sys.stderr.isatty() else "lines"
 
 
 def env_data_dir() -> Path | None:
     """``$LVZOO_DATA`` (``None`` when unset or empty)."""
     value = os.environ.get("LVZOO_DATA")
     return Path(value) if value else None
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """``sqlite:///<cwd>/mlflow.db`` (absolute)."""
+    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def sqlite_artifact_location(tracking_uri: str) -> str | None:
+    """``file://`` URI of the ``mlruns`` folder next to an ``sqlite:///`` database, else ``None``."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = Path(tracking_uri[len(prefix) :])
+    return (database.resolve().parent / "mlruns").as_uri()
+
+
+#: How long a tracking call keeps retrying while another process holds the sqlite store's write lock.
+LOCK_RETRY_S = 60.0
+
+
+def retry_locked(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, retried for up to :data:`LOCK_RETRY_S` while it fails because another process holds
+    an sqlite store's write lock (a locked write commits nothing, so a retry never logs twice)."""
+    deadline, delay = time.monotonic() + LOCK_RETRY_S, 0.02
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay * (1.0 + random.random()))
+        delay = min(2.0 * delay, 1.0)
+
+
+class RetryingClient:
+    """Calls through to an MLflow client with :func:`retry_locked` (several runs writing one store, as
+    ``reproduce`` and sweeps do)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+        return lambda *args, **kwargs: retry_locked(method, *args, **kwargs)

@@ -21,6 +21,7 @@ from lvzoo.runners.plan import (
     TASK_PREFIX,
     ConfigError,
     RunPlan,
+    device_of,
     field_types,
     one_line,
     plan_run,
@@ -167,7 +168,7 @@ def plan_reproduction(
         epochs=run_epochs,
         seeds=tuple(task_cls.paper_seeds if seeds is None else seeds),
         overrides=dict(overrides),
-        device=device,
+        device=str(device_of(device)),  # "auto" resolved: the report states the device the runs use
         data_dir=data_dir,
         entries=tuple(entries),
         runtime_plugins=tuple(sorted(plugins)),

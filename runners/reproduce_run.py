@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from lvzoo import registry
 from lvzoo.runners.callbacks import MlflowTracker, default_tracking_uri, sqlite_artifact_location
 from lvzoo.runners.plan import ConfigError, one_line
 from lvzoo.runners.process import TerminatedError, sigterm_raises
+from lvzoo.runners.ray_cluster import check_resources, cluster_cpus, connected, use_plugin_dir
 from lvzoo.runners.reproduce_plan import Reproduction
 from lvzoo.runners.reproduce_report import (
     BUDGET_TAG,
@@ -68,6 +69,8 @@ class _RunSpec:
     tracking_uri: str
     tags: Mapping[str, str]
     plugins: tuple[tuple[str, str, str], ...]
+    #: Where the run dir goes (``<run_root>/<reproduce id>-<label>-<seed>``); None: ``<cwd>/runs/<run id>``.
+    run_root: Path | None = None
 
 
 @attrs.frozen
@@ -130,6 +133,9 @@ def _run_one(spec: _RunSpec) -> _Outcome:
             data_dir=spec.data_dir,
             tracker=tracker,
             progress=False,
+            run_dir=None
+            if spec.run_root is None
+            else spec.run_root / f"{spec.tags[REPRODUCE_TAG]}-{spec.label}-{spec.seed}",
         )
     except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: train marked the run KILLED; take no further runs
         os._exit(128 + (signal.SIGTERM if isinstance(exc, TerminatedError) else signal.SIGINT))
@@ -179,20 +185,47 @@ def run_reproduction(
     tracking_uri: str | None = None,
     reproduce_id: str | None = None,
     echo: Callable[[str], None] = lambda line: None,
+    address: str | None = None,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: float = 0.0,
 ) -> Report:
     """Train every (row, seed) of ``plan`` in ``min(jobs, runs)`` spawned workers and build the report from MLflow.
 
     ``jobs`` defaults to ``os.cpu_count()``; each worker uses ``max(1, cores // workers)`` torch threads. ``echo``
     receives one progress line per finished run. Failed runs do not raise: they are rows of the report.
+
+    With an ``address`` (:func:`lvzoo.runners.ray_cluster.connected`; ``"local"`` starts a local Ray instance) the
+    runs are Ray tasks of ``cpus_per_run`` CPUs (``int(cpus_per_run)`` torch threads) and ``gpus_per_run`` GPUs on
+    that cluster instead, with run dirs under ``<cwd>/runs``; ``jobs`` is then ignored.
     """
+    with ExitStack() as stack:
+        ray = None if address is None else stack.enter_context(connected(address))
+        return _reproduce(plan, jobs, tracking_uri, reproduce_id, echo, ray, cpus_per_run, gpus_per_run)
+
+
+def _reproduce(
+    plan: Reproduction,
+    jobs: int | None,
+    tracking_uri: str | None,
+    reproduce_id: str | None,
+    echo: Callable[[str], None],
+    ray: Any,
+    cpus_per_run: float,
+    gpus_per_run: float,
+) -> Report:
     uri = tracking_uri or default_tracking_uri()
     rid = reproduce_id or new_reproduce_id(plan.task)
     client = mlflow_client(uri)
     _ensure_experiment(client, uri, plan.task)
-    cores = os.cpu_count() or 1
     total = len(plan.entries) * len(plan.seeds)
-    workers = max(1, min(jobs or cores, total))
-    threads = max(1, cores // workers)
+    if ray is None:
+        cores = os.cpu_count() or 1
+        workers = max(1, min(jobs or cores, total))
+        threads = max(1, cores // workers)
+    else:
+        check_resources(ray, cpus_per_run, gpus_per_run)
+        workers = max(1, min(total, int(cluster_cpus(ray) // cpus_per_run)))
+        threads = max(1, int(cpus_per_run))
     budget = Budget(
         task=plan.task,
         epochs=plan.epochs,
@@ -221,6 +254,7 @@ def run_reproduction(
             tracking_uri=uri,
             tags={REPRODUCE_TAG: rid, LABEL_TAG: entry.label, SEED_TAG: str(seed), BUDGET_TAG: budget.to_json()},
             plugins=plan.runtime_plugins,
+            run_root=None if ray is None else Path.cwd().resolve() / "runs",
         )
         for seed in plan.seeds
         for entry in plan.entries
@@ -230,7 +264,10 @@ def run_reproduction(
         f"{count(len(plan.seeds), 'seed')}), {count(workers, 'worker')} x {count(threads, 'torch thread')}"
     )
     started = time.perf_counter()
-    outcomes = _execute(specs, workers, threads, plan.runtime_plugins, echo)
+    if ray is None:
+        outcomes = _execute(specs, workers, threads, plan.runtime_plugins, echo)
+    else:
+        outcomes = _execute_ray(ray, specs, threads, cpus_per_run, gpus_per_run, plan.runtime_plugins, echo)
     wall_time = time.perf_counter() - started
     records = _merge(mlflow_records(client, rid, [plan.task]), outcomes)
     return Report(rid, uri, budget, aggregate_rows(budget, records), wall_time, wall_time_measured=True)
@@ -262,15 +299,63 @@ def _execute(
                     except Exception as exc:  # the worker process died (e.g. killed for memory)
                         outcome = _Outcome(spec.label, spec.seed, None, f"worker failed: {_short_error(exc)}", 0.0)
                     outcomes.append(outcome)
-                    status = f"FAILED: {outcome.error}" if outcome.error else f"finished (run {outcome.run_id})"
-                    echo(f"[{len(outcomes)}/{len(specs)}] {spec.label} seed {spec.seed}: {status} "
-                         f"in {outcome.seconds:.1f} s")
+                    _echo_outcome(echo, len(outcomes), len(specs), spec, outcome)
         except KeyboardInterrupt:  # also SIGTERM; running workers mark their runs KILLED on SIGTERM
             for process in list(executor._processes.values()):
                 process.terminate()
             raise
         finally:
             executor.shutdown(wait=True, cancel_futures=True)
+    return outcomes
+
+
+def _run_one_ray(spec: _RunSpec, threads: int, plugin_dir: str | None) -> _Outcome:
+    """A Ray task: :func:`_run_one` with the worker's torch threads and the parent's run-time plugins."""
+    torch.set_num_threads(threads)
+    use_plugin_dir(plugin_dir)
+    return _run_one(spec)
+
+
+def _echo_outcome(echo: Callable[[str], None], done: int, total: int, spec: _RunSpec, outcome: _Outcome) -> None:
+    status = f"FAILED: {outcome.error}" if outcome.error else f"finished (run {outcome.run_id})"
+    echo(f"[{done}/{total}] {spec.label} seed {spec.seed}: {status} in {outcome.seconds:.1f} s")
+
+
+def _execute_ray(
+    ray: Any,
+    specs: Sequence[_RunSpec],
+    threads: int,
+    cpus: float,
+    gpus: float,
+    plugins: Sequence[tuple[str, str, str]],
+    echo: Callable[[str], None],
+) -> list[_Outcome]:
+    """Run ``specs`` as Ray tasks; on SIGINT/SIGTERM the tasks are cancelled and the interrupt re-raised.
+
+    The run-time plugins' folder is a temporary one of this machine (on a multi-node cluster, install plugins on
+    every node)."""
+    outcomes: list[_Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="lvzoo-reproduce-") as scratch:
+        plugin_dir = _write_runtime_plugins(plugins, Path(scratch))
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_run_one_ray)
+        refs = {task.remote(spec, threads, plugin_dir): spec for spec in specs}
+        pending = list(refs)
+        try:
+            with sigterm_raises():
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    spec = refs[done[0]]
+                    try:
+                        outcome = ray.get(done[0])
+                    except Exception as exc:  # the worker process died
+                        outcome = _Outcome(spec.label, spec.seed, None, f"worker failed: {_short_error(exc)}", 0.0)
+                    outcomes.append(outcome)
+                    _echo_outcome(echo, len(outcomes), len(specs), spec, outcome)
+        except KeyboardInterrupt:
+            for ref in pending:
+                with suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
     return outcomes
 
 
@@ -282,8 +367,9 @@ def _merge(records: Sequence[RunRecord], outcomes: Sequence[_Outcome]) -> list[R
         known = by_key.get(key)
         if outcome.error is not None:
             base = known or RunRecord(outcome.label, outcome.seed, "FAILED", {})
-            by_key[key] = attrs.evolve(base, status="FAILED" if base.status == "FINISHED" else base.status,
-                                       error=outcome.error)
+            by_key[key] = attrs.evolve(
+                base, status="FAILED" if base.status == "FINISHED" else base.status, error=outcome.error
+            )
         elif known is None:
             by_key[key] = RunRecord(outcome.label, outcome.seed, "FAILED", {}, error="run not found in MLflow")
     return list(by_key.values())

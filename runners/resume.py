@@ -29,7 +29,7 @@ def find_checkpoint(
     candidate = Path(resume)
     if candidate.is_dir() or candidate.is_file():
         path = candidate / ckpt.CHECKPOINT_NAME if candidate.is_dir() else candidate
-        if not path.is_file():
+        if not (path.is_file() or ckpt.previous_path(path).is_file()):
             raise ConfigError(f"no checkpoint {ckpt.CHECKPOINT_NAME} in run dir {str(candidate)!r}")
         return path, tracker
     tracker = tracker or MlflowTracker(tracking_uri)
@@ -42,7 +42,7 @@ def find_checkpoint(
     if RUN_DIR_TAG not in tags:
         raise ConfigError(f"run {str(resume)!r} has no {RUN_DIR_TAG} tag; pass its run dir to resume")
     path = Path(tags[RUN_DIR_TAG]) / ckpt.CHECKPOINT_NAME
-    if not path.is_file():
+    if not (path.is_file() or ckpt.previous_path(path).is_file()):
         raise ConfigError(f"run {str(resume)!r} has no checkpoint at {str(path)!r}")
     return path, tracker
 

@@ -14,6 +14,7 @@ rows per example), ``decoder_calls_epoch`` and ``decoder_calls`` (cumulative sum
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -27,21 +28,24 @@ import torch
 from torch import Tensor, nn
 
 import lvzoo
+from lvzoo import registry
 from lvzoo.estimators.base import Estimator, IncompatibleSpaceError
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.callbacks import (
     Callback,
     CheckpointCallback,
     DecoderCallsPlotCallback,
+    EpochLineCallback,
     MlflowTracker,
     ProgressCallback,
     Tracker,
     TrackingCallback,
     default_tracking_uri,
 )
+from lvzoo.runners.guards import NonFiniteGuard
 from lvzoo.runners.plan import ConfigError, EstimatorSpec, RunPlan, TaskSpec, one_line, plan_run, reusable_instance
 from lvzoo.runners.plots import SUPPORT_STATISTICS
-from lvzoo.runners.process import env_data_dir, git_commit, show_progress, sigterm_raises
+from lvzoo.runners.process import ProgressStyle, env_data_dir, git_commit, progress_style, sigterm_raises
 from lvzoo.runners.resume import find_checkpoint, plan_from_checkpoint
 from lvzoo.tasks.base import Task, evaluation_mode
 
@@ -85,6 +89,13 @@ def build(plan: RunPlan, task: Task[Any] | None = None) -> Components:
             task = plan.task_cls(plan.task_config, plan.data_dir, plan.device)
         except ValueError as exc:  # the task's own validation
             raise ConfigError(f"invalid task config: {one_line(str(exc))}") from None
+        except OSError:  # data not found or unreadable: the CLI reports these itself
+            raise
+        except Exception as exc:  # a plugin that fails at construction
+            raise ConfigError(
+                f"task {plan.task_name!r} ({registry.class_path(plan.task_cls)}) failed at construction: "
+                f"{type(exc).__name__}: {one_line(str(exc))}"
+            ) from None
     model = task.build_model().to(plan.device)
     try:
         estimator = plan.estimator_cls(task.latent_space(), plan.estimator_config).to(plan.device)
@@ -93,6 +104,11 @@ def build(plan: RunPlan, task: Task[Any] | None = None) -> Components:
     except ValueError as exc:  # e.g. top-k's k larger than the space: a config that does not fit this task
         raise ConfigError(
             f"estimator {plan.estimator_name!r} does not fit task {plan.task_name!r}: {one_line(str(exc))}"
+        ) from None
+    except Exception as exc:  # a plugin that fails at construction
+        raise ConfigError(
+            f"estimator {plan.estimator_name!r} ({registry.class_path(plan.estimator_cls)}) failed at construction: "
+            f"{type(exc).__name__}: {one_line(str(exc))}"
         ) from None
     parameters = list({id(p): p for p in [*model.parameters(), *estimator.parameters()]}.values())
     optimizer = torch.optim.Adam(parameters, lr=plan.task_config.lr)
@@ -109,27 +125,16 @@ class TrainState:
     support_per_epoch: list[dict[str, float]] = attrs.field(factory=list)
     val_metrics: dict[str, float] = attrs.field(factory=dict)
     epoch_metrics: dict[str, float] = attrs.field(factory=dict)
+    skipped_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "completed_epochs": self.completed_epochs,
-            "global_step": self.global_step,
-            "decoder_calls": self.decoder_calls,
-            "support_per_epoch": list(self.support_per_epoch),
-            "val_metrics": dict(self.val_metrics),
-            "epoch_metrics": dict(self.epoch_metrics),
-        }
+        return attrs.asdict(self)  # copies the lists and dicts
 
     @classmethod
     def from_checkpoint(cls, state: Mapping[str, Any]) -> TrainState:
-        return cls(
-            completed_epochs=int(state["completed_epochs"]),
-            global_step=int(state["global_step"]),
-            decoder_calls=int(state["decoder_calls"]),
-            support_per_epoch=list(state.get("support_per_epoch", [])),
-            val_metrics=dict(state["val_metrics"]),
-            epoch_metrics=dict(state["epoch_metrics"]),
-        )
+        """The position a checkpoint holds (fields it predates keep their defaults)."""
+        stored = {field.name: state[field.name] for field in attrs.fields(cls) if field.name in state}
+        return cls(**copy.deepcopy(stored))
 
 
 def evaluate(components: Components, split: Split, final: bool) -> dict[str, float]:
@@ -170,6 +175,11 @@ class Trainer:
         self.epochs = epochs
         self.callbacks = list(callbacks)
         self.state = state if state is not None else TrainState()
+        self.guard = NonFiniteGuard(
+            {"model": components.model, "estimator": components.estimator},
+            components.task.config.skip_nonfinite_steps,
+            self.state.skipped_steps,
+        )
 
     def fit(self) -> dict[str, float]:
         """The remaining epochs, then the final test; returns the test metrics. On any exception every callback's
@@ -181,7 +191,7 @@ class Trainer:
                 for callback in self.callbacks:
                     callback.on_epoch_begin(epoch)
                 started = time.perf_counter()
-                metrics = self._train_epoch()
+                metrics = self._train_epoch(epoch)
                 metrics["epoch_time_s"] = time.perf_counter() - started
                 for callback in self.callbacks:
                     callback.on_validation_begin(epoch)
@@ -204,7 +214,7 @@ class Trainer:
             raise
         return test_metrics
 
-    def _train_epoch(self) -> dict[str, float]:
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over ``task.train_batches``; updates ``state.global_step`` and returns the epoch metrics."""
         task, model, estimator = self.components.task, self.components.model, self.components.estimator
         optimizer = self.components.optimizer
@@ -217,6 +227,8 @@ class Trainer:
             out = task.train_step(model, estimator, batch)
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(out.loss)
+            if self.guard.skip_step(out.loss, out.metrics, epoch, index):
+                continue
             optimizer.step()
             loss = out.loss.detach()
             # the loop's own "loss" wins over a task metric of the same name (each key is summed once per step)
@@ -230,6 +242,7 @@ class Trainer:
         if not supports:
             raise RuntimeError(f"{type(task).__name__}.train_batches yielded no batches")
         self.state.global_step += len(supports)
+        self.state.skipped_steps = self.guard.skipped
         means = {key: total / len(supports) for key, total in sums.items()}
         return _epoch_metrics(means, torch.cat(supports), logs, self.state.decoder_calls)
 
@@ -271,7 +284,7 @@ def train(
     resume: str | Path | None = None,
     run_dir: str | Path | None = None,
     tracker: Tracker | None = None,
-    progress: bool | None = None,
+    progress: bool | ProgressStyle | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train ``estimator`` on ``task`` (names, classes or a task instance) and track the run.
@@ -281,7 +294,8 @@ def train(
     the same MLflow run from its last checkpoint, up to ``epochs`` (default: the run's original epochs); task
     and estimator may then be omitted. ``data_dir`` defaults to ``$LVZOO_DATA`` (None: the task's default).
     All configuration errors raise :class:`ConfigError` before any training or tracking happens. ``callbacks``
-    run after the built-in ones (progress, checkpoint, plot, tracking) at every hook.
+    run after the built-in ones (progress, checkpoint, plot, tracking) at every hook. ``progress``: ``"bars"``
+    (``True``), ``"lines"`` (one per epoch), ``"none"`` (``False``) or ``None`` for :func:`progress_style`.
     """
     data_path = Path(data_dir) if data_dir is not None else env_data_dir()
     tracking_uri = tracking_uri or (getattr(tracker, "tracking_uri", None) if tracker else None)
@@ -290,7 +304,7 @@ def train(
         if overrides:
             raise ConfigError("cannot change the configuration when resuming; drop the --set overrides")
         path, tracker = find_checkpoint(resume, tracker, tracking_uri)
-        state = ckpt.load(path)
+        state, path = ckpt.load_checkpoint(path)
         tracking_uri = tracking_uri or str(state["tracking_uri"])
         plan = plan_from_checkpoint(state, task, estimator, epochs=epochs, device=device, data_dir=data_path)
         if state.get("finished") and int(state["completed_epochs"]) >= plan.epochs:
@@ -320,7 +334,9 @@ def train(
         directory = Path.cwd() / "runs" / tracker.run_id
     directory = directory.resolve()
     checkpoint = directory / ckpt.CHECKPOINT_NAME
-    hooks: list[Callback] = [ProgressCallback()] if (show_progress() if progress is None else progress) else []
+    style = progress_style() if progress is None else ("bars" if progress is True else progress or "none")
+    hooks: list[Callback] = [ProgressCallback()] if style == "bars" else []
+    hooks += [EpochLineCallback()] if style == "lines" else []
     hooks += [
         CheckpointCallback(plan, checkpoint, tracker.run_id, tracking_uri, resumed=state),
         DecoderCallsPlotCallback(directory / "artifacts" / "decoder_calls.png", tracker),
@@ -343,9 +359,10 @@ def train(
 
 def _tags(plan: RunPlan) -> dict[str, str]:
     tags = {"task": plan.task_name, "estimator": plan.estimator_name, "lvzoo_version": lvzoo.__version__}
+    tags.update({"mlflow.source.name": "runner (lvzoo)", "mlflow.source.type": "LOCAL"})  # the UI's Source column
     commit = git_commit(Path.cwd())
     if commit is not None:
-        tags["git_commit"] = commit
+        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
     return tags
 
 
@@ -365,9 +382,9 @@ def evaluate_checkpoint(
     checkpoint_path = Path(path)
     if checkpoint_path.is_dir():
         checkpoint_path = checkpoint_path / ckpt.CHECKPOINT_NAME
-    if not checkpoint_path.is_file():
+    if not (checkpoint_path.is_file() or ckpt.previous_path(checkpoint_path).is_file()):
         raise ConfigError(f"no checkpoint at {str(checkpoint_path)!r}")
-    state = ckpt.load(checkpoint_path)
+    state = ckpt.load_checkpoint(checkpoint_path)[0]
     data_path = Path(data_dir) if data_dir is not None else env_data_dir()
     plan = plan_from_checkpoint(state, task, estimator, epochs=None, device=device, data_dir=data_path)
     components = build(plan)

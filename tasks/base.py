@@ -11,6 +11,7 @@ returned as tensors and only read once per logging interval).
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from lvzoo.estimators.base import Estimator, EstimatorResult, LossFn
 from lvzoo.estimators.spaces import LatentSpace
-from lvzoo.estimators.validators import finite_number, optional, positive_int, positive_number
+from lvzoo.estimators.validators import finite_number, non_negative_int, optional, positive_int, positive_number
 
 # --- the shared objective ---------------------------------------------------------------------------------------
 # A task states a batch's problem (BatchObjective): the latent part (LatentProblem: encoder scores [B, N], the row
@@ -140,6 +141,8 @@ class TaskConfig:
     """Hyper-parameters every task has (resolved values: see :func:`resolve_config`).
 
     ``train_limit`` / ``eval_limit``: at most this many training / evaluation examples (``None``: all).
+    ``skip_nonfinite_steps``: training steps with a non-finite loss or gradient the run may skip (each one logged)
+    before it stops with an error; 0 stops at the first.
     """
 
     batch_size: int = attrs.field(default=64, validator=positive_int)
@@ -147,6 +150,7 @@ class TaskConfig:
     entropy_coef: float = attrs.field(default=1.0, validator=finite_number)
     train_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
     eval_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
+    skip_nonfinite_steps: int = attrs.field(default=0, validator=non_negative_int)
 
 
 @attrs.frozen
@@ -220,9 +224,30 @@ class Task(abc.ABC, Generic[TC]):
     ) -> dict[str, float]:
         """Metrics on a held-out split (``final`` selects the expensive test protocol, e.g. 1024 IS samples)."""
 
+    def description(self) -> str:
+        """What the experiment tracker shows for this task: the class docstring's first paragraph and the metric a
+        sweep selects by."""
+        summary = " ".join((type(self).__doc__ or type(self).__name__).strip().split("\n\n")[0].split())
+        metric, mode = self.selection_metric
+        return f"{summary} Selection metric: {metric} ({mode})."
+
+    def dataset_description(self) -> dict[str, Any]:
+        """The data a run trains on: ``name``, ``digest`` (see :func:`tensor_digest`), ``source`` and the example
+        count of each split, ``splits``. Tasks override it to describe their data (this default knows none)."""
+        return {"name": type(self).__name__, "digest": "unknown", "source": "", "splits": {}}
+
     def save_artifacts(self, model: nn.Module, estimator: Estimator[Any], out_dir: Path) -> list[Path]:
         """Write task-specific artifacts (e.g. reconstructions) into ``out_dir``; returns the files written."""
         return []
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 (hex) of the tensors' shapes and bytes, in order: the digest of a dataset as a run saw it."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def resolve_config(

@@ -57,6 +57,7 @@ from lvzoo.tasks.base import (
     Task,
     TaskConfig,
     evaluation_mode,
+    tensor_digest,
 )
 from lvzoo.tasks.bitvec_nll import (
     LOG2,
@@ -66,7 +67,7 @@ from lvzoo.tasks.bitvec_nll import (
     most_probable_rows,
     sparse_log_marginal_terms,
 )
-from lvzoo.tasks.data import load_images, minibatch_indices
+from lvzoo.tasks.data import find_root, load_images, minibatch_indices
 
 #: Images at the end of the training file that form the validation split (the paper's code: 55,000-59,999).
 VALIDATION_SIZE = 5000
@@ -179,6 +180,16 @@ class BitVectorVAETask(Task[BitVectorVAEConfig]):
             }
             self._splits = {name: images.to(self.device) for name, images in splits.items()}
         return self._splits
+
+    def dataset_description(self) -> dict[str, Any]:
+        """Fashion-MNIST as this run uses it (limits applied): split sizes and the digest of the images."""
+        data = self._data()
+        return {
+            "name": "FashionMNIST",
+            "digest": tensor_digest(*data.values()),
+            "source": str(find_root("FashionMNIST", self.data_dir, download=False)),
+            "splits": {name: int(images.shape[0]) for name, images in data.items()},
+        }
 
     # -- Task interface -------------------------------------------------------------------------------------
     @classmethod

@@ -7,9 +7,9 @@ Where the data is looked for, in order:
 3. ``../shared/data`` relative to the working directory,
 4. the download cache ``~/.cache/lvzoo/data`` (``LVZOO_CACHE`` overrides it).
 
-If no root holds the files, torchvision downloads them into the cache; without network a :class:`DataNotFoundError`
-says where to put them. Images stay uint8 ``[N, 28, 28]`` on the device; binarization happens per batch on the
-device (no per-item PIL decoding).
+If no root holds the files, torchvision downloads them into the cache (not when ``LVZOO_OFFLINE=1``); without network
+a :class:`DataNotFoundError` says where to put them. Images stay uint8 ``[N, 28, 28]`` on the device; binarization
+happens per batch on the device (no per-item PIL decoding).
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ _SSVAE_SPLITS = ("labeled_train_indx", "unlabeled_train_indx", "validation_indx"
 
 
 class DataNotFoundError(FileNotFoundError):
-    """The dataset files are in none of the searched roots and could not be downloaded."""
+    """The dataset files are in none of the searched roots and could not be downloaded (one-line message)."""
+
+
+class DataUnreadableError(OSError):
+    """A dataset file exists but cannot be parsed (truncated, not IDX, mismatched); the message names it."""
 
 
 def cache_dir() -> Path:
@@ -62,14 +66,21 @@ def _raw_file(root: Path, name: DatasetName, stem: str) -> Path | None:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped) into a uint8 array of its stated shape."""
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    magic = int.from_bytes(data[0:4], "big")
-    if magic >> 8 != 0x08:  # 0x08 = unsigned byte payload
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {magic:#x})")
-    ndim = magic & 0xFF
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    """Parse an IDX file (optionally gzipped) into a uint8 array of its stated shape; an unreadable file is a
+    :class:`DataUnreadableError` naming it."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        magic = int.from_bytes(data[0:4], "big")
+        if magic >> 8 != 0x08:  # 0x08 = unsigned byte payload
+            raise ValueError(f"not an unsigned-byte IDX file (magic {magic:#x})")
+        ndim = magic & 0xFF
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError) as exc:
+        raise DataUnreadableError(
+            f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]} (delete it to download it "
+            "again, or replace it with an intact copy)"
+        ) from exc
 
 
 def _download(name: DatasetName) -> None:
@@ -89,18 +100,25 @@ def find_root(name: DatasetName, data_dir: Path | None = None, download: bool = 
     for root in roots:
         if all(_raw_file(root, name, stem) is not None for stem in stems):
             return root
-    if download:
+    offline = os.environ.get("LVZOO_OFFLINE", "").strip() not in ("", "0")
+    if download and not offline:
         try:
             _download(name)
         except Exception as exc:  # no network, proxy, disk...: say where the files go
             searched = ", ".join(str(r) for r in roots)
             raise DataNotFoundError(
-                f"{name} not found (searched {searched}) and the download failed ({type(exc).__name__}: {exc}). "
+                f"{name} not found (searched {searched}) and the download failed ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:160]}). "
                 f"Put the files {', '.join(s + '.gz' for s in stems)} into <root>/{name}/raw/ and pass "
                 f"--data-dir <root> or set LVZOO_DATA=<root>."
             ) from exc
         return cache_dir()
-    raise DataNotFoundError(f"{name} not found in any of: {', '.join(str(r) for r in roots)}")
+    reason = " (downloads are off: LVZOO_OFFLINE is set)" if download and offline else ""
+    raise DataNotFoundError(
+        f"{name} not found in any of: {', '.join(str(r) for r in roots)}{reason}. Put the files "
+        f"{', '.join(s + '.gz' for s in stems)} into <root>/{name}/raw/ and pass --data-dir <root> or set "
+        "LVZOO_DATA=<root>."
+    )
 
 
 def load_images(
@@ -116,7 +134,9 @@ def load_images(
     images = torch.from_numpy(_read_idx(images_path).copy())
     labels = torch.from_numpy(_read_idx(labels_path).astype(np.int64))
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels")
+        raise DataUnreadableError(
+            f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape[0]} labels"
+        )
     return images, labels
 
 

@@ -31,7 +31,15 @@ from lvzoo.estimators.base import Estimator, exact_distribution, marginalize
 from lvzoo.estimators.spaces import Categorical, LatentSpace
 from lvzoo.estimators.validators import int_at_least, number_in
 from lvzoo.models.signal import TRAINING_LOSSES, GameLoss, SignalGameModel, TrainingLoss
-from lvzoo.tasks.base import BatchObjective, LatentProblem, PaperSettings, Task, TaskConfig, evaluation_mode
+from lvzoo.tasks.base import (
+    BatchObjective,
+    LatentProblem,
+    PaperSettings,
+    Task,
+    TaskConfig,
+    evaluation_mode,
+    tensor_digest,
+)
 from lvzoo.tasks.signal_data import (
     MNIST_FASHION_RELU,
     OFFLINE_SOURCES,
@@ -163,6 +171,22 @@ class SignalGameTask(Task[SignalGameConfig]):
                 test_games=self._fixed_games(test, test_count, TEST_SEED),
             )
         return self._splits
+
+    def dataset_description(self) -> dict[str, Any]:
+        """The game's images (``features``): split sizes, and a digest of every concept id and of the first 1024
+        feature rows per split (the features are a fixed function of the pixels; hashing all of them takes seconds)."""
+        splits = self.splits()
+        images = {"train": splits.train_images, "test": splits.test_images}
+        return {
+            "name": f"signal-{self.config.features}",
+            "digest": tensor_digest(*(t for i in images.values() for t in (i.concepts, i.features[:1024]))),
+            "source": str(self.config.features if "/" in self.config.features else self.data_dir or "default roots"),
+            "splits": {
+                **{name: int(i.concepts.shape[0]) for name, i in images.items()},
+                "val_games": len(splits.val_games),
+                "test_games": len(splits.test_games),
+            },
+        }
 
     def _fixed_games(self, images: ConceptImages, count: int, seed: int) -> Games:
         generator = torch.Generator().manual_seed(seed)

@@ -77,8 +77,9 @@ from lvzoo.tasks.base import (
     Task,
     TaskConfig,
     evaluation_mode,
+    tensor_digest,
 )
-from lvzoo.tasks.data import binarize, minibatch_indices
+from lvzoo.tasks.data import binarize, find_root, minibatch_indices
 from lvzoo.tasks.ssvae_data import SSVAEData, load_model_state, load_ssvae_data
 
 NUM_CLASSES = 10
@@ -208,6 +209,21 @@ class SSVAETask(Task[SSVAEConfig]):
                     f"init_checkpoint {str(path)!r} does not fit the ssvae model of this config: {exc}"
                 ) from exc
         return model
+
+    def dataset_description(self) -> dict[str, Any]:
+        """MNIST as this run uses it (the paper's labelled / unlabelled / validation splits, limits applied)."""
+        data = self.data
+        return {
+            "name": "MNIST",
+            "digest": tensor_digest(*attrs.astuple(data, recurse=False)),
+            "source": str(find_root("MNIST", self.data_dir, download=False)),
+            "splits": {
+                "labelled": int(data.labelled_images.shape[0]),
+                "unlabelled": int(data.unlabelled_images.shape[0]),
+                "val": int(data.val_images.shape[0]),
+                "test": int(data.test_images.shape[0]),
+            },
+        }
 
     @property
     def data(self) -> SSVAEData:

@@ -70,6 +70,8 @@ class ToyTask(Task[ToyConfig]):
     interrupt_at_step: ClassVar[int | None] = None
     crash_at_step: ClassVar[int | None] = None
     sigterm_at_step: ClassVar[int | None] = None
+    #: Steps (1-based) whose inputs are NaN, so their loss and gradients are not finite.
+    nan_at_steps: ClassVar[tuple[int, ...]] = ()
     step_delay: ClassVar[float] = 0.0
 
     def __init__(self, config: ToyConfig, data_dir: Any, device: torch.device) -> None:
@@ -129,6 +131,8 @@ class ToyTask(Task[ToyConfig]):
 
             os.kill(os.getpid(), signal.SIGTERM)
         x = batch + self.config.noise * torch.randn(batch.shape, device=batch.device)
+        if self.steps_taken in self.nan_at_steps:
+            x = x * float("nan")
 
         def metrics(terms: LatentTerms) -> dict[str, Tensor]:
             # "loss" as a task may report it: the loop must not count it twice

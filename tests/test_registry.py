@@ -1,4 +1,4 @@
-"""Entry-point registries: built-in names, lazy listing, the example plugin's ``rloo``, and broken plugins."""
+"""Entry-point registries: built-in names, lazy listing, the example plugin's ``batchloo``, and broken plugins."""
 
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from lvzoo.estimators import (
     IncompatibleSpaceError,
 )
 from lvzoo.registry import PluginLoadError, Registry, UnknownNameError
-from lvzoo_example_plugin import RLOO, RLOOConfig
+from lvzoo_example_plugin import BatchLOO, BatchLOOConfig
 from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient
 
 BUILTIN_ESTIMATORS = frozenset(
     {
         "softmax", "sparsemax", "entmax15", "topksparse", "sparsemap",
-        "sfe", "sfe+", "nvil", "sumsample",
+        "sfe", "sfe+", "nvil", "sumsample", "rloo", "disarm",
         "gumbel", "stgumbel",
     }
 )
@@ -51,11 +51,11 @@ REGISTRIES: dict[str, Registry[Any]] = {
 TOLERANCE_STANDARD_ERRORS = 4.5
 
 
-def _rloo_class() -> type[RLOO]:
-    """The ``rloo`` estimator, looked up through the registry (it must be the example plugin's class)."""
-    cls = registry.estimators.load("rloo")
-    assert cls is RLOO
-    return RLOO
+def _plugin_class() -> type[BatchLOO]:
+    """The ``batchloo`` estimator, looked up through the registry (it must be the example plugin's class)."""
+    cls = registry.estimators.load("batchloo")
+    assert cls is BatchLOO
+    return BatchLOO
 
 
 # --- built-in names -------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def test_listing_names_imports_no_plugin_module(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["imported"] == []
-    assert "lvzoo_example_plugin.rloo" in report["targets"]
+    assert "lvzoo_example_plugin.batch_loo" in report["targets"]
     for kind, expected in BUILTINS.items():
         assert expected <= set(report["listed"][kind])
 
@@ -157,7 +157,7 @@ def broken_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     )
     (tmp_path / f"{BROKEN_MODULE}.py").write_text('raise RuntimeError("plugin exploded on import")\n')
     (tmp_path / f"{WORKING_MODULE}.py").write_text(
-        "from lvzoo_example_plugin.rloo import RLOO as WorkingEstimator\n"
+        "from lvzoo_example_plugin.batch_loo import BatchLOO as WorkingEstimator\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -172,8 +172,8 @@ def test_load_all_reports_broken_plugins_and_keeps_the_others(broken_plugins: Pa
     with pytest.warns(RuntimeWarning) as warned:
         loaded, failures = registry.estimators.load_all()
 
-    assert loaded["zz_working"] is _rloo_class()
-    assert "rloo" in loaded
+    assert loaded["zz_working"] is _plugin_class()
+    assert "batchloo" in loaded
     assert {name for name in failures if name not in BUILTIN_ESTIMATORS} == broken
     import_error = failures["zz_import_error"]
     assert "zz_import_error" in import_error
@@ -193,7 +193,7 @@ def test_loading_a_broken_plugin_is_not_an_unknown_name(broken_plugins: Path) ->
     assert BROKEN_MODULE in str(caught.value)
 
 
-# --- the example plugin: rloo ---------------------------------------------------------------------------------
+# --- the example plugin: batchloo-----------------------------------------------------------------------------
 
 
 class RecordingLoss:
@@ -209,18 +209,20 @@ class RecordingLoss:
         return losses
 
 
-def test_rloo_is_a_registered_estimator_class() -> None:
-    assert registry.estimators.load("rloo") is RLOO
-    assert "rloo" in registry.estimators.names()
-    assert issubclass(RLOO, Estimator)
+def test_plugin_is_a_registered_estimator_class() -> None:
+    assert registry.estimators.load("batchloo") is BatchLOO
+    assert "batchloo" in registry.estimators.names()
+    assert issubclass(BatchLOO, Estimator)
+    # the example stays a third-party example: core lvzoo does not register it
+    assert not BatchLOO.__module__.startswith("lvzoo.")
 
 
-def test_rloo_one_loss_call_and_result_contract() -> None:
+def test_plugin_one_loss_call_and_result_contract() -> None:
     torch.manual_seed(0)
     batch, num_classes, num_samples = 3, 5, 6
     space = Categorical(num_classes)
-    cls = _rloo_class()
-    estimator = cls(space, RLOOConfig(num_samples=num_samples))
+    cls = _plugin_class()
+    estimator = cls(space, BatchLOOConfig(num_samples=num_samples))
     scores = torch.randn(batch, num_classes, dtype=torch.float64, requires_grad=True)
     loss = RecordingLoss(QuadraticDecoderLoss(space, batch))
 
@@ -239,18 +241,22 @@ def test_rloo_one_loss_call_and_result_contract() -> None:
     assert result.surrogate.shape == (batch,)
     (grad,) = torch.autograd.grad(result.surrogate.sum(), scores)
     assert torch.isfinite(grad).all()
+    # the baseline of example b: the mean loss of the other examples' draws
+    per_example = losses.reshape(batch, num_samples).sum(-1)
+    expected = ((per_example.sum() - per_example) / ((batch - 1) * num_samples)).mean()
+    torch.testing.assert_close(result.logs["baseline"], expected)
 
 
-@pytest.mark.parametrize("bad", [1, 0, -3, True, 2.0])
-def test_rloo_config_rejects_fewer_than_two_samples(bad: Any) -> None:
-    assert _rloo_class().config_class is RLOOConfig
-    with pytest.raises(ValueError, match=r"num_samples must be an int >= 2.*got " + repr(bad)):
-        RLOOConfig(num_samples=bad)
+@pytest.mark.parametrize("bad", [0, -3, True, 2.0])
+def test_plugin_config_rejects_fewer_than_one_sample(bad: Any) -> None:
+    assert _plugin_class().config_class is BatchLOOConfig
+    with pytest.raises(ValueError, match=r"num_samples must be an int >= 1.*got " + repr(bad)):
+        BatchLOOConfig(num_samples=bad)
 
 
-def test_rloo_refuses_bit_vectors() -> None:
+def test_plugin_refuses_bit_vectors() -> None:
     with pytest.raises(IncompatibleSpaceError, match="Categorical"):
-        _rloo_class()(BitVector(4))
+        _plugin_class()(BitVector(4))
 
 
 def _assert_unbiased(samples: Tensor, exact: Tensor) -> None:
@@ -264,7 +270,7 @@ def _assert_unbiased(samples: Tensor, exact: Tensor) -> None:
     assert deviation.max() < TOLERANCE_STANDARD_ERRORS, f"max deviation {deviation.max():.2f} standard errors"
 
 
-def test_rloo_score_gradient_is_unbiased() -> None:
+def test_plugin_score_gradient_is_unbiased() -> None:
     """Per-draw gradients w.r.t. the scores average to the exact gradient (draws vectorised over a replicated batch)."""
     torch.manual_seed(1)
     batch, num_classes, draws = 3, 5, 4000
@@ -273,7 +279,7 @@ def test_rloo_score_gradient_is_unbiased() -> None:
     scores = torch.randn(batch, num_classes, dtype=torch.float64)
     exact = exact_gradient(space, scores, lambda s: torch.softmax(s, -1), loss)
 
-    estimator = _rloo_class()(space)
+    estimator = _plugin_class()(space)
     replicated = scores.repeat(draws, 1).requires_grad_(True)  # row m * batch + b is draw m of example b
     result = estimator(replicated, lambda z, index: loss(z, index % batch))
     (grad,) = torch.autograd.grad(result.surrogate.sum(), replicated)
@@ -281,7 +287,7 @@ def test_rloo_score_gradient_is_unbiased() -> None:
     _assert_unbiased(grad.reshape(draws, batch, num_classes), exact)
 
 
-def test_rloo_decoder_gradient_is_unbiased() -> None:
+def test_plugin_decoder_gradient_is_unbiased() -> None:
     """Gradients w.r.t. the loss parameters, averaged over independent groups of draws, match the exact ones."""
     torch.manual_seed(3)
     batch, num_classes, groups, draws_per_group = 3, 5, 60, 50
@@ -291,7 +297,7 @@ def test_rloo_decoder_gradient_is_unbiased() -> None:
     scores = torch.randn(batch, num_classes, dtype=torch.float64)
     exact = torch.autograd.grad(exact_expectation(space, torch.softmax(scores, -1), loss).sum(), params)
 
-    estimator = _rloo_class()(space)
+    estimator = _plugin_class()(space)
     replicated = scores.repeat(draws_per_group, 1)
     group_grads = []
     for _ in range(groups):

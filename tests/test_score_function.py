@@ -1,4 +1,4 @@
-"""Statistical and contract tests of the score-function estimators (SFE, SFE+, NVIL, Sum&Sample).
+"""Statistical and contract tests of the score-function estimators (SFE, SFE+, NVIL, RLOO, Sum&Sample).
 
 Unbiasedness: the batch is replicated so one forward gives thousands of independent draws; the mean per-draw
 gradient w.r.t. the scores (and the mean per-group gradient w.r.t. the decoder parameters) must match the
@@ -22,8 +22,10 @@ from lvzoo.estimators.distributions import SamplingEstimator
 from lvzoo.estimators.gumbel import GumbelSoftmax, StraightThroughGumbel
 from lvzoo.estimators.score_function import (
     NVIL,
+    RLOO,
     SFE,
     NVILConfig,
+    RLOOConfig,
     ScoreFunction,
     ScoreFunctionConfig,
     SelfCriticSFE,
@@ -161,6 +163,11 @@ UNBIASED: dict[str, Callable[[LatentSpace], Estimator[Any]]] = {
         space, ScoreFunctionConfig(sampler="sum_and_sample", baseline="self_critic")
     ),
     "plain-3+self_critic": lambda space: ScoreFunction(space, ScoreFunctionConfig(samples=3, baseline="self_critic")),
+    "rloo": lambda space: RLOO(space),
+    "rloo-2": lambda space: RLOO(space, RLOOConfig(samples=2)),
+    "sumsample-3+leave_one_out": lambda space: ScoreFunction(
+        space, ScoreFunctionConfig(sampler="sum_and_sample", samples=3, baseline="leave_one_out")
+    ),
 }
 
 
@@ -334,6 +341,12 @@ ROWS_PER_EXAMPLE: dict[str, tuple[Callable[[LatentSpace], Estimator[Any]], int]]
         4,
     ),
     "sumsample": (lambda space: SumAndSample(space), 2),
+    "rloo": (lambda space: RLOO(space), 4),
+    "rloo-2-samples": (lambda space: RLOO(space, RLOOConfig(samples=2)), 2),
+    "sumsample-2-samples+leave_one_out": (
+        lambda space: SumAndSample(space, SumAndSampleConfig(samples=2, baseline="leave_one_out")),
+        3,
+    ),
     "sumsample-top3": (lambda space: SumAndSample(space, SumAndSampleConfig(top_k=3)), 4),
     "gumbel": (lambda space: GumbelSoftmax(space), 1),
     "stgumbel": (lambda space: StraightThroughGumbel(space), 1),
@@ -394,7 +407,7 @@ def test_sum_and_sample_never_resamples_the_summed_assignments() -> None:
 
 def test_refusals_and_config_errors() -> None:
     budgeted = BitVector(4, budget=2)
-    for cls in (SFE, SelfCriticSFE, SumAndSample, GumbelSoftmax, StraightThroughGumbel):
+    for cls in (SFE, SelfCriticSFE, SumAndSample, RLOO, GumbelSoftmax, StraightThroughGumbel):
         with pytest.raises(IncompatibleSpaceError, match="budget=2"):
             cls(budgeted)
     with pytest.raises(IncompatibleSpaceError, match="budget=2"):

@@ -1,5 +1,5 @@
-"""An example third-party lvzoo plugin: the ``rloo`` estimator, registered through an entry point."""
+"""An example third-party lvzoo plugin: the ``batchloo`` estimator, registered through an entry point."""
 
-from lvzoo_example_plugin.rloo import RLOO, RLOOConfig
+from lvzoo_example_plugin.batch_loo import BatchLOO, BatchLOOConfig
 
-__all__ = ["RLOO", "RLOOConfig"]
+__all__ = ["BatchLOO", "BatchLOOConfig"]

@@ -1,8 +1,10 @@
-"""REINFORCE with a leave-one-out baseline (RLOO) for a categorical latent variable.
+"""REINFORCE with a batch leave-one-out baseline (``batchloo``) for a categorical latent variable.
 
-Per example, ``n`` assignments ``z_1..z_n`` are drawn from ``pi = softmax(scores)`` and each is scored against the
-mean loss of the other ``n - 1`` draws (Kool, van Hoof & Welling, 2019). The baseline of draw ``j`` does not depend
-on ``z_j``, so the score-function term stays unbiased while its variance drops.
+Each example draws ``num_samples`` assignments from ``pi = softmax(scores)``; every draw of example ``b`` is
+centred by the mean loss of the draws of the *other* examples of the batch. Those draws are independent of it, so
+the score-function term stays unbiased, and unlike a moving average the baseline tracks the current parameters
+(it needs no state). It helps when the examples of a batch have similar expected losses; with one example in the
+batch the baseline is 0 (plain REINFORCE). lvzoo's own ``rloo`` leaves one *sample of the same example* out instead.
 """
 
 from __future__ import annotations
@@ -18,23 +20,24 @@ from lvzoo.estimators.validators import int_at_least
 
 
 @attrs.frozen
-class RLOOConfig(EstimatorConfig):
-    """``num_samples``: draws per example (``>= 2``); each draw's baseline is the mean loss of the others."""
+class BatchLOOConfig(EstimatorConfig):
+    """``num_samples``: draws per example (``>= 1``); each is centred by the mean loss of the other examples."""
 
-    num_samples: int = attrs.field(default=4, validator=int_at_least(2).because("the baseline leaves one draw out"))
+    num_samples: int = attrs.field(default=1, validator=int_at_least(1))
 
 
-class RLOO(Estimator[RLOOConfig]):
-    """Score-function estimator with a leave-one-out baseline over ``Categorical`` spaces."""
+class BatchLOO(Estimator[BatchLOOConfig]):
+    """Score-function estimator with a batch leave-one-out baseline over ``Categorical`` spaces."""
 
-    config_class = RLOOConfig
+    config_class = BatchLOOConfig
     supported_spaces = (Categorical,)
 
     def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
         """Scores ``[B, K]`` -> per-example results ``[B]``; one ``loss_fn`` call on ``B * num_samples`` rows.
 
-        ``surrogate_b = mean_j [loss_j + (loss_j - mean_{i != j} loss_i).detach() * log pi(z_j)]``; its gradient
-        is unbiased for ``E_pi[loss]`` w.r.t. the scores and the decoder parameters.
+        ``surrogate_b = mean_j [loss_bj + (loss_bj - baseline_b).detach() * log pi(z_bj)]`` with ``baseline_b`` the
+        mean loss over the draws of the examples ``!= b``; its gradient is unbiased for ``E_pi[loss]`` w.r.t. the
+        scores and the decoder parameters.
         """
         self.check_scores(scores)
         batch, num_classes = scores.shape
@@ -46,7 +49,9 @@ class RLOO(Estimator[RLOOConfig]):
         z_rows = F.one_hot(draws.reshape(-1), num_classes).to(scores.dtype)  # [B * n, K]
         example_index = torch.arange(batch, device=scores.device).repeat_interleave(n)  # [B * n]
         losses = evaluate_rows(loss_fn, z_rows, example_index).reshape(batch, n)
-        baselines = (losses.sum(-1, keepdim=True) - losses) / (n - 1)  # [B, n], leave-one-out means
+        per_example = losses.detach().sum(-1)  # [B]
+        others = max(batch - 1, 1) * n
+        baselines = ((per_example.sum() - per_example) / others).unsqueeze(-1)  # [B, 1]; 0 when batch == 1
         draw_log_probs = log_probs.gather(1, draws)  # [B, n]
         advantages = (losses - baselines).detach()
         surrogate = (losses + advantages * draw_log_probs).mean(-1)
@@ -57,5 +62,5 @@ class RLOO(Estimator[RLOOConfig]):
             objective=losses.mean(-1).detach(),
             entropy=entropy,
             support=support,
-            logs={"baseline": baselines.mean().detach()},
+            logs={"baseline": baselines.mean()},
         )
