@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lvzoo.estimators.base import EstimatorConfig, EstimatorResult, LossFn, evaluate_rows
-from lvzoo.estimators.distributions import SamplingEstimator
+from lvzoo.estimators.distributions import EncoderDistribution, SamplingEstimator
 from lvzoo.estimators.spaces import LatentSpace
 from lvzoo.estimators.validators import non_negative_number, positive_int, positive_number
 
@@ -66,15 +66,20 @@ class GumbelSoftmax(SamplingEstimator[GumbelConfig]):
         decayed = config.tau0 * torch.exp(-config.decay_rate * last_update.to(torch.float32))
         return decayed.clamp_min(config.tau_min)
 
+    def rows(self, dist: EncoderDistribution, temperature: Tensor) -> Tensor:
+        """The row ``[B, N]`` the loss sees: the relaxed sample, or (straight-through) its hard rounding carrying
+        the relaxed sample's gradient."""
+        relaxed = dist.relaxed_sample(temperature, self.generator)
+        if self.straight_through:
+            return dist.harden(relaxed) + (relaxed - relaxed.detach())
+        return relaxed
+
     def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
-        """Scores ``[B, N]`` -> ``[B]`` results; one (relaxed or straight-through) row per example."""
+        """Scores ``[B, N]`` -> ``[B]`` results; one row per example (:meth:`rows`)."""
         dist = self.distribution(scores)
         batch = scores.shape[0]
         temperature = self.temperature()
-        relaxed = dist.relaxed_sample(temperature.to(scores.dtype), self.generator)
-        z_rows = relaxed
-        if self.straight_through:
-            z_rows = dist.harden(relaxed) + (relaxed - relaxed.detach())
+        z_rows = self.rows(dist, temperature.to(scores.dtype))
         index = torch.arange(batch, device=scores.device)
         losses = evaluate_rows(loss_fn, z_rows, index)
         if self.training:

@@ -16,10 +16,9 @@ gradient are unbiased. The ``m`` relaxed samples enter the gradient path only: t
 from __future__ import annotations
 
 import attrs
-import torch
 from torch import Tensor
 
-from lvzoo.estimators.base import EstimatorResult, LossFn, evaluate_rows
+from lvzoo.estimators.distributions import EncoderDistribution
 from lvzoo.estimators.gumbel import GumbelConfig, GumbelSoftmax
 from lvzoo.estimators.validators import positive_int
 
@@ -44,23 +43,10 @@ class GumbelRao(GumbelSoftmax):
     config_class = GumbelRaoConfig
     config: GumbelRaoConfig
 
-    def forward(self, scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None = None) -> EstimatorResult:
-        """Scores ``[B, N]`` -> ``[B]`` results; one loss call on ``[B, N]`` straight-through rows."""
-        dist = self.distribution(scores)
-        batch = scores.shape[0]
-        temperature = self.temperature()
+    def rows(self, dist: EncoderDistribution, temperature: Tensor) -> Tensor:
+        """The hard sample carrying the gradient of the mean of ``samples`` relaxations conditioned on it."""
         hard = dist.sample(self.generator)
         noise = dist.conditional_noise(hard, self.config.samples, self.generator)
-        mean_relaxed = dist.relax(noise, temperature.to(scores.dtype)).mean(1)
-        z_rows = hard + (mean_relaxed - mean_relaxed.detach())
-        index = torch.arange(batch, device=scores.device)
-        losses = evaluate_rows(loss_fn, z_rows, index)
-        if self.training:
-            self.step += 1
-        return EstimatorResult(
-            surrogate=losses,
-            objective=losses.detach(),
-            entropy=dist.entropy(),
-            support=torch.ones(batch, dtype=torch.long, device=scores.device),
-            logs={"temperature": temperature},
-        )
+        mean_relaxed = dist.relax(noise, temperature).mean(1)
+        row: Tensor = hard + (mean_relaxed - mean_relaxed.detach())
+        return row

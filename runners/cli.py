@@ -177,6 +177,53 @@ def eval_checkpoint(checkpoint: Path, split: Split, final: bool, device: str, da
     click.echo(json.dumps(metrics, sort_keys=True))
 
 
+@main.command("diagnose")
+@click.option("--task", "task_name", required=True, metavar="T", help="Registered task name.")
+@click.option("--estimators", required=True, metavar="A,B,...", help="Estimator names to compare.")
+@click.option("--checkpoint", default=None, metavar="RUN", help="Model parameters: a run id, run dir or checkpoint.")
+@click.option("--batches", type=click.IntRange(min=1), default=2, show_default=True, help="Training batches used.")
+@click.option("--draws", type=click.IntRange(min=2), default=100, show_default=True, help="Gradient draws per batch.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (model init, batches, draws).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Config override. Repeatable.")
+@_device_option
+@_tracking_uri_option
+@_data_dir_option
+def diagnose_command(
+    task_name: str,
+    estimators: str,
+    checkpoint: str | None,
+    batches: int,
+    draws: int,
+    seed: int,
+    assignments: tuple[str, ...],
+    device: str,
+    tracking_uri: str | None,
+    data_dir: Path | None,
+) -> None:
+    """Bias and variance of each estimator's score gradient against the exact gradient (or a high-sample unbiased
+    reference), at the same parameters and batches; prints a table and tracks it in MLflow."""
+    from lvzoo.runners.diagnose import render_table, run_diagnosis
+
+    try:
+        report = run_diagnosis(
+            task_name,
+            [name.strip() for name in estimators.split(",") if name.strip()],
+            checkpoint=checkpoint,
+            batches=batches,
+            draws=draws,
+            overrides=parse_assignments(assignments),
+            seed=seed,
+            device=device,
+            data_dir=data_dir,
+            tracking_uri=tracking_uri,
+            echo=lambda line: click.echo(line, err=True),
+        )
+    except ConfigError as exc:
+        raise _OneLineError(str(exc)) from None
+    click.echo(render_table(report), nl=False)
+    click.echo(f"run {report.run_id}; table, CSV and plot in {report.run_dir}", err=True)
+
+
 @main.command("reproduce")
 @click.option("--task", "task_name", metavar="T", help="Registered task name.")
 @click.option(

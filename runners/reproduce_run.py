@@ -31,7 +31,7 @@ from lvzoo import registry
 from lvzoo.runners.callbacks import MlflowTracker, default_tracking_uri, sqlite_artifact_location
 from lvzoo.runners.plan import ConfigError, one_line
 from lvzoo.runners.process import TerminatedError, sigterm_raises
-from lvzoo.runners.ray_cluster import check_resources, cluster_cpus, connected, use_plugin_dir
+from lvzoo.runners.ray_cluster import check_resources, cluster_cpus, connected, use_plugin_dir, write_plugin_dir
 from lvzoo.runners.reproduce_plan import Reproduction
 from lvzoo.runners.reproduce_report import (
     BUDGET_TAG,
@@ -51,7 +51,6 @@ from lvzoo.runners.trainer import train
 
 #: Longest error message kept in a tag or a table cell.
 MAX_ERROR_CHARS = 300
-_PLUGIN_DIST = "lvzoo_reproduce_runtime_plugins-0.dist-info"
 
 
 @attrs.frozen
@@ -149,22 +148,6 @@ def _run_one(spec: _RunSpec) -> _Outcome:
                 tracker.client.set_tag(run_id, ERROR_TAG, error)
         return _Outcome(spec.label, spec.seed, run_id, error, time.perf_counter() - started)
     return _Outcome(spec.label, spec.seed, result.run_id, None, time.perf_counter() - started)
-
-
-def _write_runtime_plugins(plugins: Sequence[tuple[str, str, str]], directory: Path) -> str | None:
-    """A ``*.dist-info`` folder in ``directory`` registering ``plugins``; returns ``directory`` (None if none)."""
-    if not plugins:
-        return None
-    dist = directory / _PLUGIN_DIST
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lvzoo-reproduce-runtime-plugins\nVersion: 0\n")
-    groups: dict[str, list[str]] = {}
-    for group, name, target in plugins:
-        groups.setdefault(group, []).append(f"{name} = {target}")
-    (dist / "entry_points.txt").write_text(
-        "".join(f"[{group}]\n" + "\n".join(lines) + "\n\n" for group, lines in groups.items())
-    )
-    return str(directory)
 
 
 def new_reproduce_id(task: str) -> str:
@@ -287,7 +270,7 @@ def _execute(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(threads, _write_runtime_plugins(plugins, Path(scratch))),
+            initargs=(threads, write_plugin_dir(plugins, Path(scratch))),
         )
         try:
             with sigterm_raises():
@@ -336,7 +319,7 @@ def _execute_ray(
     every node)."""
     outcomes: list[_Outcome] = []
     with tempfile.TemporaryDirectory(prefix="lvzoo-reproduce-") as scratch:
-        plugin_dir = _write_runtime_plugins(plugins, Path(scratch))
+        plugin_dir = write_plugin_dir(plugins, Path(scratch))
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_run_one_ray)
         refs = {task.remote(spec, threads, plugin_dir): spec for spec in specs}
         pending = list(refs)

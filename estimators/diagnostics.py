@@ -1,0 +1,166 @@
+"""Gradient diagnostics: the bias and variance of an estimator's gradient w.r.t. the encoder scores, against a
+reference, at fixed scores and a fixed row loss (what ``runner diagnose`` reports per estimator and batch).
+
+The reference is the gradient of ``E_pi[loss]`` for the estimator's own target distribution ``pi``:
+
+- **exact** for the sampling estimators (pi = softmax / independent Bernoullis): the loss is evaluated on every
+  assignment of ``Categorical(K)``, or of ``BitVector(D)`` up to :data:`MAX_EXACT_BITS`, in one call;
+- **own** for marginalizing estimators: their gradient is exact for their own (sparse) distribution, so one
+  evaluation is the reference and bias and variance are 0 by construction;
+- **monte-carlo** otherwise: the mean of ``reference_draws`` leave-one-out REINFORCE estimates with
+  ``reference_samples`` samples each (unbiased), whose own standard error enters :attr:`Diagnosis.bias_z`.
+
+Shapes: ``B`` examples, scores ``[B, N]``, ``M`` draws.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lvzoo.estimators.base import Estimator, LossFn, MarginalizingEstimator, evaluate_rows
+from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
+
+#: Largest bit-vector dimension whose exact reference enumerates all ``2**D`` rows per example.
+MAX_EXACT_BITS = 12
+ReferenceKind = Literal["exact", "own", "monte-carlo"]
+
+
+@attrs.frozen
+class Diagnosis:
+    """One estimator's gradient statistics over ``draws`` draws (all w.r.t. the scores, flattened over examples).
+
+    ``bias_norm = ||E g - g_ref||`` and ``relative_bias`` (over ``||g_ref||``); ``bias_z``: ``bias_norm`` over its
+    standard error ``sqrt(tr Var g / M + tr Var g_ref / M_ref)``, about 1 or less for an unbiased estimator;
+    ``variance`` = ``tr Var g`` (one draw); ``cosine_single`` (mean over draws of ``cos(g, g_ref)``) and
+    ``cosine_mean`` (``cos(E g, g_ref)``); ``snr = ||E g|| / sqrt(tr Var g)``; ``rows_per_example`` (decoder rows
+    per example per draw) and ``ms_per_draw``.
+    """
+
+    reference: ReferenceKind
+    draws: int
+    bias_norm: float
+    relative_bias: float
+    bias_z: float
+    variance: float
+    cosine_single: float
+    cosine_mean: float
+    snr: float
+    rows_per_example: float
+    ms_per_draw: float
+
+    def metrics(self) -> dict[str, float]:
+        """The numeric fields (for tracking)."""
+        return {key: float(value) for key, value in attrs.asdict(self).items() if key != "reference"}
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity of the flattened last dims ``[..., D]`` (0 when either is 0)."""
+    cosine: Tensor = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-300)
+    return cosine
+
+
+def score_gradients(
+    estimator: Estimator[Any], scores: Tensor, loss_fn: LossFn, encoder_input: Tensor | None, draws: int
+) -> tuple[Tensor, float, float]:
+    """``(gradients [M, B, N] of sum(surrogate) w.r.t. the scores, rows per example, ms per draw)``."""
+    gradients, rows, started = [], 0.0, time.perf_counter()
+    for _ in range(draws):
+        leaf = scores.detach().clone().requires_grad_(True)
+        result = estimator(leaf, loss_fn, encoder_input)
+        (grad,) = torch.autograd.grad(result.surrogate.sum(), leaf)
+        gradients.append(grad)
+        rows += float(result.support.double().mean())
+    elapsed_ms = 1000.0 * (time.perf_counter() - started) / draws
+    return torch.stack(gradients), rows / draws, elapsed_ms
+
+
+def exact_reference(space: LatentSpace, scores: Tensor, loss_fn: LossFn) -> Tensor:
+    """``d/dscores sum_b E_pi[loss]`` ``[B, N]`` for the encoder distribution pi, by enumeration (one loss call)."""
+    if isinstance(space, BitVector) and (space.D > MAX_EXACT_BITS or space.budget is not None):
+        raise ValueError(f"no exact reference for {space!r}: at most D={MAX_EXACT_BITS} bits without budget")
+    leaf = scores.detach().clone().requires_grad_(True)
+    table = space.enumerate().to(scores.dtype).to(scores.device)  # [A, N]
+    batch, count = scores.shape[0], table.shape[0]
+    rows = table.repeat(batch, 1)
+    index = torch.arange(batch, device=scores.device).repeat_interleave(count)
+    losses = evaluate_rows(loss_fn, rows, index).detach().reshape(batch, count)
+    if isinstance(space, Categorical):
+        log_probs = torch.log_softmax(leaf, -1)
+    else:  # log pi(z) = sum_i z_i log sigmoid(t_i) + (1 - z_i) log sigmoid(-t_i), for every row of the table
+        log_probs = F.logsigmoid(leaf) @ table.T + F.logsigmoid(-leaf) @ (1 - table).T
+    value = (log_probs.exp() * losses).sum()
+    (grad,) = torch.autograd.grad(value, leaf)
+    return grad
+
+
+def monte_carlo_reference(
+    space: LatentSpace, scores: Tensor, loss_fn: LossFn, draws: int, samples: int
+) -> tuple[Tensor, Tensor]:
+    """``(mean [B, N], per-draw gradients [draws, B, N])`` of leave-one-out REINFORCE with ``samples`` samples."""
+    from lvzoo.estimators.score_function import ScoreFunction, ScoreFunctionConfig
+
+    reference = ScoreFunction(space, ScoreFunctionConfig(samples=samples, baseline="leave_one_out"))
+    gradients = score_gradients(reference.to(scores.device), scores, loss_fn, None, draws)[0]
+    return gradients.mean(0), gradients
+
+
+def diagnose(
+    estimator: Estimator[Any],
+    scores: Tensor,
+    loss_fn: LossFn,
+    encoder_input: Tensor | None = None,
+    *,
+    draws: int = 100,
+    reference_draws: int = 50,
+    reference_samples: int = 32,
+) -> tuple[Diagnosis, Tensor, Tensor]:
+    """``(diagnosis, gradients [M, B, N], reference [B, N])`` of ``estimator`` on one batch (see the module)."""
+    reference_variance = torch.zeros((), dtype=torch.float64)
+    reference_count = 1
+    kind: ReferenceKind
+    if isinstance(estimator, MarginalizingEstimator):
+        kind, draws = "own", 1
+        gradients, rows, ms = score_gradients(estimator, scores, loss_fn, encoder_input, 1)
+        reference = gradients[0]
+    else:
+        gradients, rows, ms = score_gradients(estimator, scores, loss_fn, encoder_input, draws)
+        try:
+            reference, kind = exact_reference(estimator.space, scores, loss_fn), "exact"
+        except ValueError:
+            reference, reference_draws_tensor = monte_carlo_reference(
+                estimator.space, scores, loss_fn, reference_draws, reference_samples
+            )
+            kind, reference_count = "monte-carlo", reference_draws
+            reference_variance = reference_draws_tensor.double().var(0).sum()
+    flat = gradients.double().reshape(gradients.shape[0], -1)
+    target = reference.double().reshape(-1)
+    mean = flat.mean(0)
+    variance = flat.var(0).sum() if flat.shape[0] > 1 else torch.zeros((), dtype=torch.float64)
+    bias = (mean - target).norm()
+    error = torch.sqrt(variance / flat.shape[0] + reference_variance / reference_count)
+    return (
+        Diagnosis(
+            reference=kind,
+            draws=int(flat.shape[0]),
+            bias_norm=float(bias),
+            relative_bias=float(bias / target.norm().clamp_min(1e-300)),
+            bias_z=float(bias / error) if float(error) > 0 else (0.0 if float(bias) == 0 else math.inf),
+            variance=float(variance),
+            cosine_single=float(_cosine(flat, target.expand_as(flat)).mean()),
+            cosine_mean=float(_cosine(mean, target)),
+            snr=float(mean.norm() / variance.sqrt()) if float(variance) > 0 else math.inf,
+            rows_per_example=rows,
+            ms_per_draw=ms,
+        ),
+        gradients,
+        reference,
+    )
+
+

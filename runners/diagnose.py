@@ -1,0 +1,154 @@
+"""``runner diagnose``: every named estimator's gradient w.r.t. the encoder scores, at the same model parameters and
+on the same batches, against a reference (:mod:`lvzoo.estimators.diagnostics`); a printed table, tracked in MLflow
+(metrics ``<estimator>.<statistic>``, the table as markdown and CSV, a plot).
+
+The model is a checkpoint's (``--checkpoint``) or a fresh one under ``--seed``; the task config is the checkpoint's,
+else the first estimator's resolved one. Each estimator is built fresh from its resolved config (paper settings,
+then ``--set``) and used in eval mode: stateful baselines start from their initial state (a moving average at 0),
+relaxations at their initial temperature. Statistics are averaged over the batches.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from lvzoo.estimators.diagnostics import Diagnosis, diagnose
+from lvzoo.runners import checkpoint as ckpt
+from lvzoo.runners.callbacks import MlflowTracker
+from lvzoo.runners.errors import ConfigError
+from lvzoo.runners.plan import plan_run
+from lvzoo.runners.resume import find_checkpoint, plan_from_checkpoint
+from lvzoo.runners.trainer import seed_everything
+
+COLUMNS = {
+    "bias_norm": "bias",
+    "relative_bias": "rel. bias",
+    "bias_z": "bias / SE",
+    "variance": "variance",
+    "cosine_single": "cos (1 draw)",
+    "cosine_mean": "cos (mean)",
+    "snr": "SNR",
+    "rows_per_example": "rows/example",
+    "ms_per_draw": "ms/draw",
+}
+
+
+@attrs.frozen
+class DiagnoseReport:
+    """Per estimator name: its averaged statistics and the reference kind; where the run's files are."""
+
+    rows: Mapping[str, Mapping[str, float]]
+    references: Mapping[str, str]
+    run_id: str
+    run_dir: Path
+
+
+def _average(diagnoses: Sequence[Diagnosis]) -> dict[str, float]:
+    metrics = [d.metrics() for d in diagnoses]
+    return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+
+
+def render_table(report: DiagnoseReport) -> str:
+    """The markdown table of :class:`DiagnoseReport`."""
+    header = ["estimator", "reference", *COLUMNS.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in report.rows.items():
+        cells = [name, report.references[name], *(f"{row[key]:.4g}" for key in COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: DiagnoseReport, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(report.rows)
+    figure = Figure(figsize=(max(5.0, 0.9 * len(names) + 2), 3.5), dpi=100)
+    FigureCanvasAgg(figure)
+    for position, (key, label) in enumerate((("variance", "variance (tr Var g)"), ("bias_z", "bias / SE")), 1):
+        axes = figure.add_subplot(1, 2, position)
+        axes.bar(names, [max(report.rows[name][key], 1e-12) for name in names])
+        axes.set_yscale("log")
+        axes.set_title(label, fontsize="small")
+        axes.tick_params(axis="x", labelrotation=45, labelsize="small")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def _metric_name(estimator: str, key: str) -> str:
+    """MLflow metric names allow letters, digits and ``_-./ ``: ``sfe+`` becomes ``sfe_plus``."""
+    return f"{estimator.replace('+', '_plus')}.{key}"
+
+
+def run_diagnosis(
+    task: str,
+    estimators: Sequence[str],
+    *,
+    checkpoint: str | Path | None = None,
+    batches: int = 2,
+    draws: int = 100,
+    overrides: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    data_dir: Path | None = None,
+    tracking_uri: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> DiagnoseReport:
+    """Diagnose ``estimators`` on ``batches`` training batches of ``task`` with ``draws`` draws each."""
+    if not estimators:
+        raise ConfigError("--estimators needs at least one estimator name")
+    if batches < 1 or draws < 2:
+        raise ConfigError(f"--batches must be >= 1 and --draws >= 2, got {batches} and {draws}")
+    plans = {name: plan_run(task, name, overrides or {}, epochs=1, seed=seed, device=device, data_dir=data_dir)
+             for name in estimators}
+    base = next(iter(plans.values()))
+    state: dict[str, Any] | None = None
+    if checkpoint is not None:
+        path, _ = find_checkpoint(checkpoint, None, tracking_uri)
+        state = ckpt.load_checkpoint(path)[0]
+        base = plan_from_checkpoint(state, task, None, epochs=None, device=device, data_dir=data_dir)
+    shuffle = seed_everything(seed)
+    problem = base.task_cls(base.task_config, base.data_dir, base.device)
+    model = problem.build_model().to(base.device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.eval()
+    latents = []
+    for batch in problem.train_batches(shuffle):
+        latent = problem.objective(model, batch).latent
+        if latent is not None:
+            latents.append(latent)
+        if len(latents) == batches:
+            break
+    rows: dict[str, dict[str, float]] = {}
+    references: dict[str, str] = {}
+    for name, plan in plans.items():
+        estimator = plan.estimator_cls(problem.latent_space(), plan.estimator_config).to(base.device).eval()
+        diagnoses = [diagnose(estimator, lat.scores.detach(), lat.loss_fn, lat.encoder_input, draws=draws)[0]
+                     for lat in latents]
+        rows[name], references[name] = _average(diagnoses), diagnoses[0].reference
+        echo(f"{name}: bias/SE {rows[name]['bias_z']:.3g}, variance {rows[name]['variance']:.4g}")
+    tracker = MlflowTracker(tracking_uri)
+    tracker.start(f"{base.task_name}-diagnose", "diagnose", {"task": base.task_name, "kind": "diagnose"})
+    tracker.log_params({"estimators": ",".join(estimators), "batches": str(batches), "draws": str(draws),
+                        "checkpoint": str(checkpoint), "seed": str(seed), **base.to_params()})
+    tracker.log_metrics({_metric_name(n, k): v for n, row in rows.items() for k, v in row.items()}, step=0)
+    run_dir = (Path.cwd() / "runs" / tracker.run_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    report = DiagnoseReport(rows=rows, references=references, run_id=tracker.run_id, run_dir=run_dir)
+    (run_dir / "diagnose.md").write_text(render_table(report))
+    with open(run_dir / "diagnose.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["estimator", "reference", *COLUMNS])
+        writer.writerows([name, references[name], *(row[key] for key in COLUMNS)] for name, row in rows.items())
+    for artifact in ("diagnose.md", "diagnose.csv"):
+        tracker.log_artifact(run_dir / artifact)
+    tracker.log_artifact(_plot(report, run_dir / "diagnose.png"))
+    tracker.end("FINISHED")
+    return report
