@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
@@ -111,6 +112,51 @@ def monte_carlo_reference(
     return gradients.mean(0), gradients
 
 
+def statistics(
+    kind: ReferenceKind,
+    draws: Tensor,
+    reference: Tensor,
+    reference_draws: Tensor | None,
+    rows: float,
+    ms: float,
+) -> Diagnosis:
+    """The :class:`Diagnosis` of gradient ``draws [M, ...]`` against ``reference`` (the mean of ``reference_draws``
+    ``[R, ...]`` when it is a Monte-Carlo one, else exact)."""
+    flat = draws.double().reshape(draws.shape[0], -1)
+    target = reference.double().reshape(-1)
+    mean = flat.mean(0)
+    variance = flat.var(0).sum() if flat.shape[0] > 1 else torch.zeros((), dtype=torch.float64)
+    error_sq = variance / flat.shape[0]
+    if reference_draws is not None:
+        error_sq = error_sq + reference_draws.double().reshape(reference_draws.shape[0], -1).var(0).sum() / len(
+            reference_draws
+        )
+    bias, error = (mean - target).norm(), error_sq.sqrt()
+    return Diagnosis(
+        reference=kind,
+        draws=int(flat.shape[0]),
+        bias_norm=float(bias),
+        relative_bias=float(bias / target.norm().clamp_min(1e-300)),
+        bias_z=float(bias / error) if float(error) > 0 else (0.0 if float(bias) == 0 else math.inf),
+        variance=float(variance),
+        cosine_single=float(_cosine(flat, target.expand_as(flat)).mean()),
+        cosine_mean=float(_cosine(mean, target)),
+        snr=float(mean.norm() / variance.sqrt()) if float(variance) > 0 else math.inf,
+        rows_per_example=rows,
+        ms_per_draw=ms,
+    )
+
+
+@attrs.frozen
+class Gradients:
+    """The raw material of a diagnosis: the estimator's ``draws [M, B, N]``, the ``reference [B, N]`` and, for a
+    Monte-Carlo reference, its ``reference_draws [R, B, N]``."""
+
+    draws: Tensor
+    reference: Tensor
+    reference_draws: Tensor | None
+
+
 def diagnose(
     estimator: Estimator[Any],
     scores: Tensor,
@@ -120,13 +166,12 @@ def diagnose(
     draws: int = 100,
     reference_draws: int = 50,
     reference_samples: int = 32,
-) -> tuple[Diagnosis, Tensor, Tensor]:
-    """``(diagnosis, gradients [M, B, N], reference [B, N])`` of ``estimator`` on one batch (see the module)."""
-    reference_variance = torch.zeros((), dtype=torch.float64)
-    reference_count = 1
+) -> tuple[Diagnosis, Gradients]:
+    """``(diagnosis, gradients)`` of ``estimator``'s score gradient on one batch (see the module docstring)."""
     kind: ReferenceKind
+    monte_carlo: Tensor | None = None
     if isinstance(estimator, MarginalizingEstimator):
-        kind, draws = "own", 1
+        kind = "own"
         gradients, rows, ms = score_gradients(estimator, scores, loss_fn, encoder_input, 1)
         reference = gradients[0]
     else:
@@ -134,33 +179,26 @@ def diagnose(
         try:
             reference, kind = exact_reference(estimator.space, scores, loss_fn), "exact"
         except ValueError:
-            reference, reference_draws_tensor = monte_carlo_reference(
+            kind = "monte-carlo"
+            reference, monte_carlo = monte_carlo_reference(
                 estimator.space, scores, loss_fn, reference_draws, reference_samples
             )
-            kind, reference_count = "monte-carlo", reference_draws
-            reference_variance = reference_draws_tensor.double().var(0).sum()
-    flat = gradients.double().reshape(gradients.shape[0], -1)
-    target = reference.double().reshape(-1)
-    mean = flat.mean(0)
-    variance = flat.var(0).sum() if flat.shape[0] > 1 else torch.zeros((), dtype=torch.float64)
-    bias = (mean - target).norm()
-    error = torch.sqrt(variance / flat.shape[0] + reference_variance / reference_count)
-    return (
-        Diagnosis(
-            reference=kind,
-            draws=int(flat.shape[0]),
-            bias_norm=float(bias),
-            relative_bias=float(bias / target.norm().clamp_min(1e-300)),
-            bias_z=float(bias / error) if float(error) > 0 else (0.0 if float(bias) == 0 else math.inf),
-            variance=float(variance),
-            cosine_single=float(_cosine(flat, target.expand_as(flat)).mean()),
-            cosine_mean=float(_cosine(mean, target)),
-            snr=float(mean.norm() / variance.sqrt()) if float(variance) > 0 else math.inf,
-            rows_per_example=rows,
-            ms_per_draw=ms,
-        ),
-        gradients,
-        reference,
-    )
+    raw = Gradients(gradients, reference, monte_carlo)
+    return statistics(kind, gradients, reference, monte_carlo, rows, ms), raw
 
 
+def through_encoder(scores_graph: Tensor, parameters: Sequence[Tensor], score_gradients: Tensor) -> Tensor:
+    """Score gradients ``[M, B, N]`` carried to the encoder parameters (``J^T g`` through ``scores_graph``, the scores
+    as the encoder computed them): ``[M, P]``, the parameters flattened and concatenated."""
+    carried = []
+    for gradient in score_gradients:
+        grads = torch.autograd.grad(
+            scores_graph,
+            parameters,
+            grad_outputs=gradient.to(scores_graph.dtype),
+            retain_graph=True,
+            allow_unused=True,
+        )
+        pieces = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parameters, strict=True)]
+        carried.append(torch.cat([piece.reshape(-1) for piece in pieces]))
+    return torch.stack(carried)

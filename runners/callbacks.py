@@ -1,5 +1,5 @@
-"""Callbacks of the :class:`~lvzoo.runners.trainer.Trainer` (tracking, checkpoints, progress bars, plots) and the
-:class:`Tracker` behind the tracking callback (MLflow).
+"""Callbacks of the :class:`~lvzoo.runners.trainer.Trainer` (tracking, checkpoints, progress; the decoder-calls plot
+is :mod:`lvzoo.runners.plots`'s) and the :class:`Tracker` behind the tracking callback (MLflow).
 
 Hook points, in the order one run reaches them (epochs are 0-based; callbacks run in list order at each):
 
@@ -39,7 +39,6 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped]
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.errors import ConfigError, one_line
 from lvzoo.runners.plan import RunPlan
-from lvzoo.runners.plots import plot_decoder_calls
 from lvzoo.runners.process import RetryingClient, retry_locked
 from lvzoo.runners.process import default_tracking_uri as default_tracking_uri
 from lvzoo.runners.process import sqlite_artifact_location as sqlite_artifact_location
@@ -53,6 +52,8 @@ if TYPE_CHECKING:
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 #: Tag holding a run's run dir (where its checkpoint is), so ``--resume RUN_ID`` can find the checkpoint.
 RUN_DIR_TAG = "lvzoo.run_dir"
+#: The query that opens MLflow 3's UI on its model-training view of an experiment (runs table, datasets, charts).
+ML_VIEW = "workflowType=machine_learning"
 #: Tag holding the one-line message of the error that stopped a FAILED (or KILLED) run.
 ERROR_TAG = "lvzoo.error"
 #: MLflow accepts at most this many params / metrics per ``log_batch`` call.
@@ -92,6 +93,9 @@ class Tracker(Protocol):
 
     def end(self, status: RunStatus) -> None:
         """Mark the run terminated with ``status``."""
+
+    def run_url(self) -> str | None:
+        """The run's page in the tracking UI, when the store has one."""
 
     def describe(self, description: str, dataset: Mapping[str, Any]) -> None:
         """Mark the run's experiment as model training with ``description``; log ``dataset`` (``name``, ``digest``,
@@ -182,6 +186,14 @@ class MlflowTracker:
 
     def end(self, status: RunStatus) -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def run_url(self) -> str | None:
+        """The run's page in the MLflow UI of an ``http(s)://`` tracking server (``None`` for other stores). The
+        ``workflowType`` parameter opens MLflow 3's model-training view (its default is the GenAI one)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}?{ML_VIEW}"
 
     def describe(self, description: str, dataset: Mapping[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -326,17 +338,6 @@ class CheckpointCallback(Callback):
         final = ckpt.load_checkpoint(self.path)[0] if self.saved else dict(self.resumed or {})
         final.update({"finished": True, "test_metrics": dict(metrics), "epochs": self.plan.epochs})
         ckpt.save_checkpoint(final, self.path)
-
-
-class DecoderCallsPlotCallback(Callback):
-    """At the end, plots the decoder calls per example of every epoch to ``path`` and logs it under ``plots``."""
-
-    def __init__(self, path: Path, tracker: Tracker) -> None:
-        self.path, self.tracker = path, tracker
-
-    def on_train_end(self, metrics: Mapping[str, float]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tracker.log_artifact(plot_decoder_calls(self.trainer.state.support_per_epoch, self.path), "plots")
 
 
 class TrackingCallback(Callback):

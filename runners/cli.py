@@ -109,6 +109,8 @@ def main(
         click.echo(f"interrupted: {type(exc).__name__}; the run is marked KILLED", err=True)
         sys.exit(_interrupt_exit(exc))
     click.echo(f"run {result.run_id} finished; checkpoint {result.checkpoint}")
+    if result.ui_url is not None:
+        click.echo(f"MLflow UI: {result.ui_url}", err=True)
     click.echo(json.dumps({f"test_{key}": value for key, value in result.test_metrics.items()}, sort_keys=True))
 
 
@@ -241,7 +243,7 @@ def diagnose_command(
     help="Seeds (default: the paper's: 43..52 for ssvae, 322..331 for signal, 42 for bitvec).",
 )
 @click.option(
-    "--jobs", type=click.IntRange(min=1), default=None, help="Parallel worker processes (default: CPU count)."
+    "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes of --address pool (default: CPU count)."
 )
 @click.option(
     "--set",
@@ -315,7 +317,7 @@ def reproduce_command(
                 jobs=jobs,
                 tracking_uri=tracking_uri,
                 echo=lambda line: click.echo(line, err=True),
-                address=address,
+                address=None if address == "pool" else address or "local",
                 cpus_per_run=cpus_per_trial,
                 gpus_per_run=gpus_per_trial,
             )

@@ -1,30 +1,40 @@
-"""``runner diagnose``: every named estimator's gradient w.r.t. the encoder scores, at the same model parameters and
-on the same batches, against a reference (:mod:`lvzoo.estimators.diagnostics`); a printed table, tracked in MLflow
+"""``runner diagnose``: every named estimator's gradient w.r.t. the encoder scores, at the same model parameters and on
+the same batches, against a reference (:mod:`lvzoo.estimators.diagnostics`); a printed table, tracked in MLflow
 (metrics ``<estimator>.<statistic>``, the table as markdown and CSV, a plot).
 
-The model is a checkpoint's (``--checkpoint``) or a fresh one under ``--seed``; the task config is the checkpoint's,
-else the first estimator's resolved one. Each estimator is built fresh from its resolved config (paper settings,
-then ``--set``) and used in eval mode: stateful baselines start from their initial state (a moving average at 0),
-relaxations at their initial temperature. Statistics are averaged over the batches.
+The same statistics are reported for the gradient w.r.t. the encoder's parameters (``encoder_*``: each score
+gradient carried through the encoder, ``J^T g``). The model is a checkpoint's (``--checkpoint``) or a fresh one
+under ``--seed``; the task config is the checkpoint's, else the first estimator's resolved one. Each estimator is
+built fresh from its resolved config (paper settings, then ``--set``) and used in eval mode: stateful baselines
+start from their initial state (a moving average at 0), relaxations at their initial temperature. Statistics are
+averaged over the batches.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
+import torch
+from torch import Tensor
 
-from lvzoo.estimators.diagnostics import Diagnosis, diagnose
+from lvzoo.estimators.diagnostics import Diagnosis, Gradients, diagnose, statistics, through_encoder
 from lvzoo.runners import checkpoint as ckpt
-from lvzoo.runners.callbacks import MlflowTracker
+from lvzoo.runners.callbacks import Callback, MlflowTracker, Tracker
 from lvzoo.runners.errors import ConfigError
 from lvzoo.runners.plan import plan_run
 from lvzoo.runners.resume import find_checkpoint, plan_from_checkpoint
 from lvzoo.runners.trainer import seed_everything
 
+if TYPE_CHECKING:
+    from lvzoo.runners.trainer import Trainer
+
+#: Draws per diagnosis during training (``diagnose_every``).
+TRAINING_DRAWS = 20
 COLUMNS = {
     "bias_norm": "bias",
     "relative_bias": "rel. bias",
@@ -35,6 +45,9 @@ COLUMNS = {
     "snr": "SNR",
     "rows_per_example": "rows/example",
     "ms_per_draw": "ms/draw",
+    "encoder_bias_z": "encoder bias / SE",
+    "encoder_variance": "encoder variance",
+    "encoder_cosine_mean": "encoder cos (mean)",
 }
 
 
@@ -51,6 +64,20 @@ class DiagnoseReport:
 def _average(diagnoses: Sequence[Diagnosis]) -> dict[str, float]:
     metrics = [d.metrics() for d in diagnoses]
     return {key: sum(m[key] for m in metrics) / len(metrics) for key in metrics[0]}
+
+
+def _through_encoder(diagnosis: Diagnosis, raw: Gradients, scores: Tensor, parameters: Sequence[Tensor]) -> Diagnosis:
+    """The same statistics for the gradient w.r.t. the encoder parameters (the score gradients carried by ``J^T``)."""
+    carry = partial(through_encoder, scores, parameters)
+    reference_draws = None if raw.reference_draws is None else carry(raw.reference_draws)
+    return statistics(
+        diagnosis.reference,
+        carry(raw.draws),
+        carry(raw.reference.unsqueeze(0))[0],
+        reference_draws,
+        diagnosis.rows_per_example,
+        diagnosis.ms_per_draw,
+    )
 
 
 def render_table(report: DiagnoseReport) -> str:
@@ -119,6 +146,7 @@ def run_diagnosis(
     if state is not None:
         model.load_state_dict(state["model"])
     model.eval()
+    parameters = [param for param in model.parameters() if param.requires_grad]
     latents = []
     for batch in problem.train_batches(shuffle):
         latent = problem.objective(model, batch).latent
@@ -130,9 +158,13 @@ def run_diagnosis(
     references: dict[str, str] = {}
     for name, plan in plans.items():
         estimator = plan.estimator_cls(problem.latent_space(), plan.estimator_config).to(base.device).eval()
-        diagnoses = [diagnose(estimator, lat.scores.detach(), lat.loss_fn, lat.encoder_input, draws=draws)[0]
-                     for lat in latents]
-        rows[name], references[name] = _average(diagnoses), diagnoses[0].reference
+        diagnoses, encoder = [], []
+        for lat in latents:
+            diagnosis, raw = diagnose(estimator, lat.scores.detach(), lat.loss_fn, lat.encoder_input, draws=draws)
+            diagnoses.append(diagnosis)
+            encoder.append(_through_encoder(diagnosis, raw, lat.scores, parameters))
+        rows[name] = {**_average(diagnoses), **{f"encoder_{k}": v for k, v in _average(encoder).items()}}
+        references[name] = diagnoses[0].reference
         echo(f"{name}: bias/SE {rows[name]['bias_z']:.3g}, variance {rows[name]['variance']:.4g}")
     tracker = MlflowTracker(tracking_uri)
     tracker.start(f"{base.task_name}-diagnose", "diagnose", {"task": base.task_name, "kind": "diagnose"})
@@ -152,3 +184,41 @@ def run_diagnosis(
     tracker.log_artifact(_plot(report, run_dir / "diagnose.png"))
     tracker.end("FINISHED")
     return report
+
+
+class DiagnoseCallback(Callback):
+    """``--set diagnose_every=N``: every ``N`` training steps, the diagnostics of the run's own estimator on one fixed
+    training batch (:data:`TRAINING_DRAWS` draws, eval mode), logged as ``diagnose_<statistic>`` at the global step,
+    so the bias and variance show next to the loss curves. The random state is restored afterwards, so a run with
+    diagnostics trains exactly as one without."""
+
+    def __init__(self, every: int, tracker: Tracker, draws: int = TRAINING_DRAWS) -> None:
+        self.every, self.tracker, self.draws = every, tracker, draws
+        self.batch: Any = None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        super().on_train_begin(trainer)
+        with torch.random.fork_rng(devices=[]):
+            self.batch = next(iter(trainer.components.task.train_batches(torch.Generator().manual_seed(0))))
+
+    def on_batch_end(self, batch: int, loss: Tensor, support: Tensor) -> None:
+        step = self.trainer.state.global_step + batch + 1
+        if step % self.every:
+            return
+        components = self.trainer.components
+        device = components.task.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            training = components.model.training, components.estimator.training
+            components.model.eval()
+            components.estimator.eval()
+            try:
+                latent = components.task.objective(components.model, self.batch).latent
+                if latent is None:
+                    return
+                diagnosis, _ = diagnose(
+                    components.estimator, latent.scores.detach(), latent.loss_fn, latent.encoder_input, draws=self.draws
+                )
+            finally:
+                components.model.train(training[0])
+                components.estimator.train(training[1])
+        self.tracker.log_metrics({f"diagnose_{key}": value for key, value in diagnosis.metrics().items()}, step=step)

@@ -1,9 +1,12 @@
-"""Plots logged as MLflow artifacts: decoder calls per example over training, as the paper's figures show them."""
+"""Plots logged as MLflow artifacts: decoder calls per example over training, as the paper's figures show them, and
+the callback that logs it at the end of a run."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from lvzoo.runners.callbacks import Callback, Tracker
 
 #: Per-epoch statistics of the decoder calls per example that the plot draws (keys of each epoch's mapping).
 SUPPORT_STATISTICS = ("support_p10", "support_median", "support_p90", "support_mean")
@@ -34,3 +37,14 @@ def plot_decoder_calls(epochs: Sequence[Mapping[str, float]], path: Path) -> Pat
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+class DecoderCallsPlotCallback(Callback):
+    """At the end, plots the decoder calls per example of every epoch to ``path`` and logs it under ``plots``."""
+
+    def __init__(self, path: Path, tracker: Tracker) -> None:
+        self.path, self.tracker = path, tracker
+
+    def on_train_end(self, metrics: Mapping[str, float]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tracker.log_artifact(plot_decoder_calls(self.trainer.state.support_per_epoch, self.path), "plots")

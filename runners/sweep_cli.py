@@ -22,9 +22,9 @@ address_option = click.option(
     "--address",
     default=None,
     metavar="ADDR",
-    help="Ray cluster: local (a new local instance sized to this machine), auto (the one `ray start` started "
-    "here), HOST:PORT of the head node or ray://HOST:10001 [sweep default: local; reproduce default: a process "
-    "pool, no Ray].")
+    help="Ray cluster: local (a new local instance sized to this machine; the default), auto (the one `ray start` "
+    "started here), HOST:PORT of the head node or ray://HOST:10001; reproduce also takes pool (a process pool of "
+    "--jobs workers, no Ray).")
 
 
 def _seeds(text: str | None) -> tuple[int, ...]:

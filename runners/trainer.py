@@ -34,7 +34,6 @@ from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.callbacks import (
     Callback,
     CheckpointCallback,
-    DecoderCallsPlotCallback,
     EpochLineCallback,
     MlflowTracker,
     ProgressCallback,
@@ -44,7 +43,7 @@ from lvzoo.runners.callbacks import (
 )
 from lvzoo.runners.guards import NonFiniteGuard
 from lvzoo.runners.plan import ConfigError, EstimatorSpec, RunPlan, TaskSpec, one_line, plan_run, reusable_instance
-from lvzoo.runners.plots import SUPPORT_STATISTICS
+from lvzoo.runners.plots import SUPPORT_STATISTICS, DecoderCallsPlotCallback
 from lvzoo.runners.process import ProgressStyle, env_data_dir, git_commit, progress_style, sigterm_raises
 from lvzoo.runners.resume import find_checkpoint, plan_from_checkpoint
 from lvzoo.tasks.base import Task, evaluation_mode
@@ -260,7 +259,8 @@ class Trainer:
 
 @attrs.frozen
 class TrainResult:
-    """Outcome of :func:`train`: the run, where its files are, its last metrics and the trained modules."""
+    """Outcome of :func:`train`: the run, where its files are, its last metrics, the trained modules and the run's
+    page in the MLflow UI (tracking servers only)."""
 
     run_id: str
     run_dir: Path
@@ -269,6 +269,7 @@ class TrainResult:
     test_metrics: dict[str, float]
     model: nn.Module
     estimator: Estimator[Any]
+    ui_url: str | None = None
 
 
 def train(
@@ -343,6 +344,10 @@ def train(
         TrackingCallback(tracker, plan, directory, checkpoint, resumed=state is not None),
         *callbacks,
     ]
+    if plan.task_config.diagnose_every:
+        from lvzoo.runners.diagnose import DiagnoseCallback
+
+        hooks.append(DiagnoseCallback(plan.task_config.diagnose_every, tracker))
     trainer = Trainer(components, plan.epochs, hooks, TrainState.from_checkpoint(state) if state else None)
     with sigterm_raises():
         test_metrics = trainer.fit()
@@ -354,6 +359,7 @@ def train(
         test_metrics=test_metrics,
         model=components.model,
         estimator=components.estimator,
+        ui_url=tracker.run_url(),
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,7 +143,8 @@ class TaskConfig:
 
     ``train_limit`` / ``eval_limit``: at most this many training / evaluation examples (``None``: all).
     ``skip_nonfinite_steps``: training steps with a non-finite loss or gradient the run may skip (each one logged)
-    before it stops with an error; 0 stops at the first.
+    before it stops with an error; 0 stops at the first. ``diagnose_every``: every this many steps, log the gradient
+    diagnostics of the run's estimator on a fixed batch (``diagnose_*`` metrics; 0: never).
     """
 
     batch_size: int = attrs.field(default=64, validator=positive_int)
@@ -151,6 +153,7 @@ class TaskConfig:
     train_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
     eval_limit: int | None = attrs.field(default=None, validator=optional(positive_int))
     skip_nonfinite_steps: int = attrs.field(default=0, validator=non_negative_int)
+    diagnose_every: int = attrs.field(default=0, validator=non_negative_int)
 
 
 @attrs.frozen
@@ -225,9 +228,11 @@ class Task(abc.ABC, Generic[TC]):
         """Metrics on a held-out split (``final`` selects the expensive test protocol, e.g. 1024 IS samples)."""
 
     def description(self) -> str:
-        """What the experiment tracker shows for this task: the class docstring's first paragraph and the metric a
-        sweep selects by."""
-        summary = " ".join((type(self).__doc__ or type(self).__name__).strip().split("\n\n")[0].split())
+        """What the experiment tracker shows for this task: the first paragraph of its module's docstring (else of
+        its class's) and the metric a sweep selects by."""
+        module = sys.modules.get(type(self).__module__)
+        text = (module.__doc__ if module is not None else None) or type(self).__doc__ or type(self).__name__
+        summary = " ".join(text.strip().split("\n\n")[0].split())
         metric, mode = self.selection_metric
         return f"{summary} Selection metric: {metric} ({mode})."
 

@@ -203,7 +203,9 @@ def test_kill_9_at_random_moments_of_training_always_resumes(mlflow_store: objec
         time.sleep(rng.uniform(0.0, 0.4))
         process.kill()
         _, error = process.communicate(timeout=60)
-        assert process.returncode == -9 and "Traceback" not in error, error
+        assert process.returncode in (-9, 0) and "Traceback" not in error, error
+        if process.returncode == 0:  # the run ended before the kill landed (a loaded machine): nothing left to kill
+            break
     state = ckpt.load_checkpoint(checkpoint)[0]
     if not state["finished"]:  # (a kill can also land after the last epoch, while the run ends)
         train(resume=run_dir, tracking_uri=uri, progress=False)

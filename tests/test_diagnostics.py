@@ -39,9 +39,10 @@ def test_exact_reference_is_the_oracle_gradient(space: LatentSpace) -> None:
 def test_unbiased_within_its_error_biased_not(space: LatentSpace) -> None:
     scores, loss = problem(space)
     torch.manual_seed(0)
-    unbiased, draws, reference = diagnose(SelfCriticSFE(space), scores, loss, draws=400)
+    unbiased, raw = diagnose(SelfCriticSFE(space), scores, loss, draws=400)
+    draws, reference = raw.draws, raw.reference
     assert unbiased.reference == "exact" and unbiased.bias_z < 3.0  # measured 1.2 (K5), 0.9 (D4)
-    relaxed, _, _ = diagnose(GumbelSoftmax(space), scores, loss, draws=400)
+    relaxed, _ = diagnose(GumbelSoftmax(space), scores, loss, draws=400)
     assert relaxed.bias_z > 5.0  # measured 11.0 (K5), 11.4 (D4): the relaxation's bias, far beyond its noise
 
     flat = draws.reshape(draws.shape[0], -1)
@@ -59,7 +60,7 @@ def test_unbiased_within_its_error_biased_not(space: LatentSpace) -> None:
 def test_marginalizing_estimators_are_their_own_exact_reference() -> None:
     space = Categorical(5)
     scores, loss = problem(space)
-    diagnosis, _, _ = diagnose(SparsemaxMarginal(space), scores, loss, draws=50)
+    diagnosis, _ = diagnose(SparsemaxMarginal(space), scores, loss, draws=50)
     assert diagnosis.reference == "own" and diagnosis.draws == 1
     assert diagnosis.bias_norm == 0.0 and diagnosis.variance == 0.0 and diagnosis.cosine_mean == pytest.approx(1.0)
 
@@ -68,7 +69,8 @@ def test_monte_carlo_reference_when_enumeration_is_too_large() -> None:
     space = BitVector(16)
     scores, loss = problem(space)
     torch.manual_seed(0)
-    diagnosis, _, _ = diagnose(RLOO(space), scores, loss, draws=100, reference_draws=100, reference_samples=16)
+    diagnosis, raw = diagnose(RLOO(space), scores, loss, draws=100, reference_draws=100, reference_samples=16)
+    assert raw.reference_draws is not None and raw.reference_draws.shape == (100, EXAMPLES, 16)
     assert diagnosis.reference == "monte-carlo" and diagnosis.bias_z < 3.0
     mean, draws = monte_carlo_reference(space, scores, loss, draws=10, samples=4)
     torch.testing.assert_close(mean, draws.mean(0))
@@ -90,8 +92,28 @@ def test_runner_diagnose_prints_the_table_and_tracks_it(mlflow_store: object, wo
     metrics = run.data.metrics
     assert metrics["softmax.variance"] == 0.0 and metrics["sfe_plus.rows_per_example"] == 2.0
     assert math.isfinite(metrics["gumbel.bias_z"]) and metrics["sfe_plus.variance"] > 0
+    assert metrics["sfe_plus.encoder_variance"] > 0 and metrics["softmax.encoder_variance"] == 0.0
+    assert metrics["softmax.encoder_cosine_mean"] == pytest.approx(1.0)
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"diagnose.md", "diagnose.csv", "diagnose.png"} <= artifacts
 
     line = error_line(invoke(["diagnose", "--task", "toy", "--estimators", "nosuch", "--tracking-uri", uri]))
     assert "unknown estimator 'nosuch'" in line
+
+
+@pytest.mark.usefixtures("toy_plugins")
+def test_diagnose_every_logs_during_training_and_changes_nothing(mlflow_store: object, workdir: Path) -> None:
+    from lvzoo.runners import train
+
+    uri = mlflow_store.uri  # type: ignore[attr-defined]
+    args: dict[str, object] = {"epochs": 2, "seed": 3, "tracking_uri": uri, "progress": False}
+    watched = train("toy", "sfe+", overrides={"diagnose_every": 3}, **args)  # type: ignore[arg-type]
+    plain = train("toy", "sfe+", **args)  # type: ignore[arg-type]
+    client = MlflowClient(uri)
+    history = client.get_metric_history(watched.run_id, "diagnose_bias_z")
+    assert [metric.step for metric in history] == [3, 6]  # 4 steps per epoch, 2 epochs
+    assert all(math.isfinite(metric.value) for metric in history)
+    assert client.get_metric_history(watched.run_id, "diagnose_rows_per_example")[0].value == 2.0
+    assert "diagnose_variance" not in client.get_run(plain.run_id).data.metrics
+    for name, value in plain.model.state_dict().items():  # the diagnostics leave the training stream untouched
+        assert torch.equal(watched.model.state_dict()[name], value), name

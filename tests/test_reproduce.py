@@ -97,7 +97,7 @@ def reproduced(mlflow_store: MlflowStore, tmp_path_factory: pytest.TempPathFacto
         monkeypatch.setenv("CI", "true")
         monkeypatch.delenv("LVZOO_DATA", raising=False)
         args = ["reproduce", "--task", "reprotoy", "--epochs", "1", "--seeds", ",".join(map(str, SEEDS))]
-        args += ["--jobs", "2", "--set", "hidden=(6,)", "--tracking-uri", mlflow_store.uri]
+        args += ["--address", "pool", "--jobs", "2", "--set", "hidden=(6,)", "--tracking-uri", mlflow_store.uri]
         args += ["--out", str(out_dir / "report.md")]
         result = CliRunner().invoke(main, args)
         found = re.search(r"Reproduce id `([^`]+)`", result.stdout)

@@ -310,7 +310,7 @@ def _table(text: str) -> list[str]:
 def test_reproduce_on_the_cluster_matches_the_local_run(env: dict[str, Any], ray_cluster: str) -> None:
     base = ["reproduce", "--task", "toy", "--estimators", "tempered", "--seeds", "5,6", "--epochs", "1",
             "--tracking-uri", env["uri"]]
-    local = invoke([*base, "--jobs", "2", "--out", str(env["dir"] / "local.md")])
+    local = invoke([*base, "--address", "pool", "--jobs", "2", "--out", str(env["dir"] / "local.md")])
     assert local.exit_code == 0, local.output
     started = time.perf_counter()
     remote = invoke([*base, "--address", ray_cluster, "--out", str(env["dir"] / "ray.md")])
