@@ -25,7 +25,7 @@ from torch import Tensor
 from lvzoo.estimators.diagnostics import Diagnosis, Gradients, diagnose, statistics, through_encoder
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.callbacks import Callback, MlflowTracker, Tracker
-from lvzoo.runners.errors import ConfigError
+from lvzoo.runners.errors import ConfigError, one_line
 from lvzoo.runners.plan import plan_run
 from lvzoo.runners.resume import find_checkpoint, plan_from_checkpoint
 from lvzoo.runners.trainer import seed_everything
@@ -156,8 +156,13 @@ def run_diagnosis(
             break
     rows: dict[str, dict[str, float]] = {}
     references: dict[str, str] = {}
-    for name, plan in plans.items():
-        estimator = plan.estimator_cls(problem.latent_space(), plan.estimator_config).to(base.device).eval()
+    built = {}
+    for name, plan in plans.items():  # every pair is checked before anything is measured
+        try:
+            built[name] = plan.estimator_cls(problem.latent_space(), plan.estimator_config).to(base.device).eval()
+        except ValueError as exc:
+            raise ConfigError(f"task {base.task_name!r} cannot use estimator {name!r}: {one_line(str(exc))}") from None
+    for name, estimator in built.items():
         diagnoses, encoder = [], []
         for lat in latents:
             diagnosis, raw = diagnose(estimator, lat.scores.detach(), lat.loss_fn, lat.encoder_input, draws=draws)

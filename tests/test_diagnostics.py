@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from lvzoo.estimators.diagnostics import diagnose, exact_reference, monte_carlo_reference
 from lvzoo.estimators.gumbel import GumbelSoftmax
+from lvzoo.estimators.indecater import IndeCateR
 from lvzoo.estimators.marginal import SparsemaxMarginal
 from lvzoo.estimators.score_function import RLOO, SelfCriticSFE
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
@@ -99,6 +100,8 @@ def test_runner_diagnose_prints_the_table_and_tracks_it(mlflow_store: object, wo
 
     line = error_line(invoke(["diagnose", "--task", "toy", "--estimators", "nosuch", "--tracking-uri", uri]))
     assert "unknown estimator 'nosuch'" in line
+    line = error_line(invoke(["diagnose", "--task", "toy", "--estimators", "sfe,disarm", "--tracking-uri", uri]))
+    assert "task 'toy' cannot use estimator 'disarm'" in line and "supports: BitVector" in line
 
 
 @pytest.mark.usefixtures("toy_plugins")
@@ -117,3 +120,20 @@ def test_diagnose_every_logs_during_training_and_changes_nothing(mlflow_store: o
     assert "diagnose_variance" not in client.get_run(plain.run_id).data.metrics
     for name, value in plain.model.state_dict().items():  # the diagnostics leave the training stream untouched
         assert torch.equal(watched.model.state_dict()[name], value), name
+
+
+def test_a_stochastic_row_loss_gets_an_averaged_exact_reference() -> None:
+    """Like the ssVAE's sampled h: every loss call adds fresh noise; the reference then averages exact evaluations
+    and its own noise enters the standard error, so unbiased estimators stay near 1 SE."""
+    space = Categorical(5)
+    scores, loss = problem(space)
+
+    def noisy(z_rows: torch.Tensor, example_index: torch.Tensor) -> torch.Tensor:
+        value: torch.Tensor = loss(z_rows, example_index)
+        return value + 0.5 * torch.randn_like(value)
+
+    torch.manual_seed(0)
+    for estimator in (IndeCateR(space), SelfCriticSFE(space)):
+        diagnosis, raw = diagnose(estimator, scores, noisy, draws=200)
+        assert diagnosis.reference == "exact-mean" and raw.reference_draws is not None
+        assert diagnosis.bias_z < 3.0, (type(estimator).__name__, diagnosis.bias_z)

@@ -81,3 +81,16 @@ def test_debug_shows_the_traceback(cwd: Path) -> None:
     done = run(["--debug", "--task", "ssvae", "--estimator", "sparsemax", "--data-dir", "no-such-dir", *TINY], cwd)
     assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
     assert "DataNotFoundError: MNIST not found" in done.stderr
+
+
+def test_progress_is_one_line_per_epoch_off_a_terminal_and_none_with_quiet(cwd: Path) -> None:
+    write_random_datasets(cwd / "data", {"FashionMNIST": (5100, 40)})
+    args = ["--task", "bitvec", "--estimator", "sfe", "--data-dir", "data", "--epochs", "2", "--set", "bits=8",
+            "--set", "train_limit=64", "--set", "eval_limit=32", "--set", "is_samples=2", "--set", "final_is_samples=2"]
+    shown = run(args, cwd, CI="false")  # stderr is a pipe here, as in a log file or a cluster job
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stderr.strip().splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2", "test"], shown.stderr
+    assert "train_loss" in lines[0] and "val_neg_elbo" in lines[0] and "INFO" not in shown.stderr
+    quiet = run(["--quiet", *args], cwd, CI="false")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr

@@ -19,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+import lvzoo.registry
 from lvzoo.runners import ConfigError, TerminatedError, TrainResult, evaluate_checkpoint, train
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.callbacks import Callback
@@ -442,3 +443,24 @@ def test_task_instance_and_typed_overrides(mlflow_store: MlflowStore, workdir: P
         (6, 5),
         (NUM_CODES, 6),
     ]
+
+
+class _BrokenEstimator(TemperedSoftmax):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("this plugin is broken")
+
+
+@pytest.mark.usefixtures("toy_plugins")
+def test_a_plugin_failing_at_construction_is_one_line(
+    mlflow_store: MlflowStore, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lvzoo.registry.estimators, "load", lambda name: _BrokenEstimator)
+    line = error_line(invoke(["--task", "toy", "--estimator", "broken", "--tracking-uri", mlflow_store.uri]))
+    assert "estimator 'broken'" in line and "failed at construction: TypeError: this plugin is broken" in line
+
+
+def test_device_auto_is_the_default_and_resolves() -> None:
+    from lvzoo.runners.plan import device_of
+
+    assert device_of("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert "[default: auto]" in invoke(["--help"]).stdout
