@@ -160,6 +160,25 @@ class Gradients:
     reference_draws: Tensor | None
 
 
+def reference_gradient(
+    space: LatentSpace, scores: Tensor, loss_fn: LossFn, *, reference_draws: int = 50, reference_samples: int = 32
+) -> tuple[ReferenceKind, Tensor, Tensor | None]:
+    """``(kind, reference [B, N], its draws [R, B, N] or None)`` for the sampling estimators of ``space`` (the
+    module docstring's exact, exact-mean or monte-carlo reference); compute it once per batch and share it."""
+    try:
+        reference = exact_reference(space, scores, loss_fn)
+    except ValueError:
+        mean, draws = monte_carlo_reference(space, scores, loss_fn, reference_draws, reference_samples)
+        return "monte-carlo", mean, draws
+    again = exact_reference(space, scores, loss_fn)
+    if torch.equal(reference, again):
+        return "exact", reference, None
+    # a stochastic row loss (e.g. the ssVAE's sampled h): average exact evaluations
+    more = [exact_reference(space, scores, loss_fn) for _ in range(reference_draws - 2)]
+    repeats = torch.stack([reference, again, *more])
+    return "exact-mean", repeats.mean(0), repeats
+
+
 def diagnose(
     estimator: Estimator[Any],
     scores: Tensor,
@@ -167,33 +186,24 @@ def diagnose(
     encoder_input: Tensor | None = None,
     *,
     draws: int = 100,
+    reference: tuple[ReferenceKind, Tensor, Tensor | None] | None = None,
     reference_draws: int = 50,
     reference_samples: int = 32,
 ) -> tuple[Diagnosis, Gradients]:
-    """``(diagnosis, gradients)`` of ``estimator``'s score gradient on one batch (see the module docstring)."""
+    """``(diagnosis, gradients)`` of ``estimator``'s score gradient on one batch (see the module docstring);
+    ``reference``: a precomputed :func:`reference_gradient` for these scores and loss (else computed here)."""
     kind: ReferenceKind
-    monte_carlo: Tensor | None = None
+    target_draws: Tensor | None
     if isinstance(estimator, MarginalizingEstimator):
-        kind = "own"
         gradients, rows, ms = score_gradients(estimator, scores, loss_fn, encoder_input, 1)
-        reference = gradients[0]
+        kind, target, target_draws = "own", gradients[0], None
     else:
         gradients, rows, ms = score_gradients(estimator, scores, loss_fn, encoder_input, draws)
-        try:
-            reference, kind = exact_reference(estimator.space, scores, loss_fn), "exact"
-            again = exact_reference(estimator.space, scores, loss_fn)
-            if not torch.equal(reference, again):  # a stochastic row loss (e.g. the ssVAE's sampled h)
-                repeats = [reference, again]
-                repeats += [exact_reference(estimator.space, scores, loss_fn) for _ in range(reference_draws - 2)]
-                monte_carlo = torch.stack(repeats)
-                reference, kind = monte_carlo.mean(0), "exact-mean"
-        except ValueError:
-            kind = "monte-carlo"
-            reference, monte_carlo = monte_carlo_reference(
-                estimator.space, scores, loss_fn, reference_draws, reference_samples
-            )
-    raw = Gradients(gradients, reference, monte_carlo)
-    return statistics(kind, gradients, reference, monte_carlo, rows, ms), raw
+        kind, target, target_draws = reference or reference_gradient(
+            estimator.space, scores, loss_fn, reference_draws=reference_draws, reference_samples=reference_samples
+        )
+    raw = Gradients(gradients, target, target_draws)
+    return statistics(kind, gradients, target, target_draws, rows, ms), raw
 
 
 def through_encoder(scores_graph: Tensor, parameters: Sequence[Tensor], score_gradients: Tensor) -> Tensor:

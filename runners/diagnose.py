@@ -22,7 +22,15 @@ import attrs
 import torch
 from torch import Tensor
 
-from lvzoo.estimators.diagnostics import Diagnosis, Gradients, diagnose, statistics, through_encoder
+from lvzoo.estimators.base import MarginalizingEstimator
+from lvzoo.estimators.diagnostics import (
+    Diagnosis,
+    Gradients,
+    diagnose,
+    reference_gradient,
+    statistics,
+    through_encoder,
+)
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.callbacks import Callback, MlflowTracker, Tracker
 from lvzoo.runners.errors import ConfigError, one_line
@@ -162,10 +170,16 @@ def run_diagnosis(
             built[name] = plan.estimator_cls(problem.latent_space(), plan.estimator_config).to(base.device).eval()
         except ValueError as exc:
             raise ConfigError(f"task {base.task_name!r} cannot use estimator {name!r}: {one_line(str(exc))}") from None
+    shared: dict[int, Any] = {}  # one reference per batch, computed for the first sampling estimator
     for name, estimator in built.items():
         diagnoses, encoder = [], []
-        for lat in latents:
-            diagnosis, raw = diagnose(estimator, lat.scores.detach(), lat.loss_fn, lat.encoder_input, draws=draws)
+        for position, lat in enumerate(latents):
+            scores = lat.scores.detach()
+            if position not in shared and not isinstance(estimator, MarginalizingEstimator):
+                shared[position] = reference_gradient(estimator.space, scores, lat.loss_fn)
+            diagnosis, raw = diagnose(
+                estimator, scores, lat.loss_fn, lat.encoder_input, draws=draws, reference=shared.get(position)
+            )
             diagnoses.append(diagnosis)
             encoder.append(_through_encoder(diagnosis, raw, lat.scores, parameters))
         rows[name] = {**_average(diagnoses), **{f"encoder_{k}": v for k, v in _average(encoder).items()}}

@@ -85,19 +85,22 @@ def sqlite_artifact_location(tracking_uri: str) -> str | None:
     return (database.resolve().parent / "mlruns").as_uri()
 
 
+#: Failures of a tracking call that another process causes and a retry resolves: sqlite's write lock, and two runs
+#: inserting the same dataset at once (MLflow checks, then inserts; on the retry the dataset exists and is reused).
+TRANSIENT = ("database is locked", "UNIQUE constraint failed: datasets.")
 #: How long a tracking call keeps retrying while another process holds the sqlite store's write lock.
 LOCK_RETRY_S = 60.0
 
 
 def retry_locked(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``call(*args, **kwargs)``, retried for up to :data:`LOCK_RETRY_S` while it fails because another process holds
-    an sqlite store's write lock (a locked write commits nothing, so a retry never logs twice)."""
+    """``call(*args, **kwargs)``, retried for up to :data:`LOCK_RETRY_S` while it fails for a :data:`TRANSIENT`
+    reason (a failed write commits nothing, so a retry never logs twice)."""
     deadline, delay = time.monotonic() + LOCK_RETRY_S, 0.02
     while True:
         try:
             return call(*args, **kwargs)
         except Exception as exc:
-            if "database is locked" not in str(exc) or time.monotonic() > deadline:
+            if not any(reason in str(exc) for reason in TRANSIENT) or time.monotonic() > deadline:
                 raise
         time.sleep(delay * (1.0 + random.random()))
         delay = min(2.0 * delay, 1.0)

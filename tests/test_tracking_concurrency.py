@@ -25,6 +25,7 @@ uri, index, steps, keys = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(s
 tracker = MlflowTracker(uri)
 tracker.start("concurrent", f"writer-{index}", {"writer": str(index)})
 tracker.log_params({f"p{k}": str(k) for k in range(keys)})
+tracker.describe("one task", {"name": "shared", "digest": "same-for-all", "splits": {"train": 1}})  # one dataset
 for step in range(steps):  # one small write per call: as many lock contentions as possible
     tracker.log_metrics({f"m{k}": index * 1000 + step + k / 10 for k in range(keys)}, step=step)
     tracker.set_tags({"last_step": str(step)})
@@ -59,6 +60,7 @@ def test_four_processes_at_once_lose_no_run_and_no_metric(mlflow_store: MlflowSt
         index = int(run.data.tags["writer"])
         assert run.info.status == "FINISHED" and run.data.tags["last_step"] == str(STEPS - 1)
         assert len(run.data.params) == KEYS
+        assert [item.dataset.name for item in run.inputs.dataset_inputs] == ["shared"]
         for k in range(KEYS):
             history = client.get_metric_history(run.info.run_id, f"m{k}")
             assert sorted(metric.step for metric in history) == list(range(STEPS))
