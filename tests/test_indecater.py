@@ -21,6 +21,7 @@ from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient
 from tests.test_score_function import (
     EXAMPLES,
     Z_MAX,
+    assert_unbiased_with_power,
     draw_gradients,
     exact_decoder_gradient,
     make_scores,
@@ -46,13 +47,8 @@ def test_indecater_is_registered() -> None:
 
 @pytest.mark.parametrize("space", BITS, ids=str)
 def test_bit_vector_gradients_are_unbiased(space: BitVector) -> None:
-    scores, decoder, exact = seeded_gradient_problem(space)
-    score_draws, decoder_draws = draw_gradients(IndeCateR(space), scores, decoder, replicas=2000, groups=10)
-    assert exact.abs().max() > 0.05
-    assert max_z_score(score_draws, exact) < Z_MAX
-    assert max_z_score(decoder_draws, exact_decoder_gradient(space, scores, decoder)) < Z_MAX
-    # power: the same draws reject a 30%-shrunk gradient ...
-    assert max_z_score(score_draws, 0.7 * exact) > Z_MAX
+    # unbiased, and the same draws reject a 30%-shrunk gradient ...
+    scores, decoder, exact = assert_unbiased_with_power(IndeCateR(space), space)
     # ... and the same check rejects the MAP-sample variant
     biased, _ = draw_gradients(MapSampleIndeCateR(space), scores, decoder, replicas=2000, groups=10)
     assert max_z_score(biased, exact) > Z_MAX

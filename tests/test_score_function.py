@@ -95,6 +95,20 @@ def seeded_gradient_problem(space: LatentSpace) -> tuple[Tensor, QuadraticDecode
     return scores, decoder, exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
 
 
+def assert_unbiased_with_power(
+    estimator: Estimator[Any], space: LatentSpace
+) -> tuple[Tensor, QuadraticDecoderLoss, Tensor]:
+    """Assert that ``estimator``'s score and decoder gradients on the seeded problem of ``space`` are unbiased and
+    that the same draws reject a 30%-shrunk score gradient (power); returns ``(scores, decoder, exact)``."""
+    scores, decoder, exact = seeded_gradient_problem(space)
+    score_draws, decoder_draws = draw_gradients(estimator, scores, decoder, replicas=2000, groups=10)
+    assert exact.abs().max() > 0.05  # a non-trivial target
+    assert max_z_score(score_draws, exact) < Z_MAX
+    assert max_z_score(decoder_draws, exact_decoder_gradient(space, scores, decoder)) < Z_MAX
+    assert max_z_score(score_draws, 0.7 * exact) > Z_MAX
+    return scores, decoder, exact
+
+
 def exact_decoder_gradient(space: LatentSpace, scores: Tensor, decoder: QuadraticDecoderLoss) -> Tensor:
     """Exact ``d/dparams sum_b E_pi[loss_b]``, flattened ``[P]``."""
     value = exact_expectation(space, gibbs_probs(space, scores), decoder).sum()
