@@ -21,6 +21,7 @@ from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient
 from tests.test_score_function import (
     EXAMPLES,
     Z_MAX,
+    assert_objective_unbiased,
     assert_unbiased_with_power,
     draw_gradients,
     exact_decoder_gradient,
@@ -109,14 +110,7 @@ def test_rows_are_the_samples_and_their_one_bit_flips(samples: int) -> None:
 
 
 def test_objective_is_an_unbiased_estimate_of_the_expected_loss() -> None:
-    space = BitVector(3)
-    torch.manual_seed(0)
-    scores = make_scores(space)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
-    replicas = 10000
-    result = IndeCateR(space)(scores.repeat(replicas, 1), lambda z, i: decoder(z, i % EXAMPLES))
-    exact = exact_expectation(space, gibbs_probs(space, scores), decoder)
-    assert max_z_score(result.objective.reshape(replicas, EXAMPLES), exact) < Z_MAX
+    assert_objective_unbiased(IndeCateR(BitVector(3)))
 
 
 def test_refusals_and_config_errors() -> None:
