@@ -86,8 +86,9 @@ def sqlite_artifact_location(tracking_uri: str) -> str | None:
 
 
 #: Failures of a tracking call that another process causes and a retry resolves: sqlite's write lock, and two runs
-#: inserting the same dataset at once (MLflow checks, then inserts; on the retry the dataset exists and is reused).
-TRANSIENT = ("database is locked", "UNIQUE constraint failed: datasets.")
+#: inserting the same dataset or experiment tag at once (MLflow checks, then inserts; on the retry the row exists and
+#: is reused or updated).
+TRANSIENT = ("database is locked", "UNIQUE constraint failed: datasets.", "UNIQUE constraint failed: experiment_tags.")
 #: How long a tracking call keeps retrying while another process holds the sqlite store's write lock.
 LOCK_RETRY_S = 60.0
 

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -92,3 +93,35 @@ def test_a_store_locked_longer_than_sqlites_busy_timeout_is_waited_for(
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "m1")) == 3
+
+
+def test_concurrent_runs_describing_one_experiment_and_dataset_do_not_collide(
+    mlflow_store: MlflowStore, tmp_path: Path
+) -> None:
+    """MLflow checks, then inserts experiment tags and datasets: runs doing it at once collide on a UNIQUE
+    constraint (3 of 8 threads did without the retry); :class:`MlflowTracker` retries, so all succeed."""
+    from lvzoo.runners.callbacks import MlflowTracker
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_store.template, db)
+    uri = f"sqlite:///{db}"
+    trackers = [MlflowTracker(uri) for _ in range(8)]
+    for index, tracker in enumerate(trackers):
+        tracker.start("shared", f"run-{index}", {})
+    errors: list[BaseException] = []
+
+    def describe(tracker: MlflowTracker) -> None:
+        try:
+            tracker.describe("one task", {"name": "data", "digest": "d", "splits": {"train": 1}})
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=describe, args=(tracker,)) for tracker in trackers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    client = MlflowClient(uri)
+    for tracker in trackers:
+        assert [item.dataset.name for item in client.get_run(tracker.run_id).inputs.dataset_inputs] == ["data"]
