@@ -160,8 +160,6 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> tup
     manifest = _read_manifest(path.parent)
     known = {entry.get("sha256") for entry in manifest.values()}
     previous = previous_path(path)
-    # killed between renaming the newest file and writing the manifest: the manifest's newest is now the previous
-    lagging = previous.is_file() and manifest.get(path.name, {}).get("sha256") == _sha256(previous)
     problems: list[str] = []
     for candidate in (path, previous):
         try:
@@ -170,7 +168,11 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> tup
             problems.append(f"{candidate.name}: {exc.strerror or exc}")
             continue
         unrecorded = candidate.name in manifest and hashlib.sha256(data).hexdigest() not in known
-        if unrecorded and not (lagging and candidate == path):
+        # killed between renaming the newest file and writing the manifest: the manifest's newest is the previous
+        # (checked only then, so a good newest file costs no read of the previous one)
+        if unrecorded and not (
+            candidate == path and previous.is_file() and manifest[path.name].get("sha256") == _sha256(previous)
+        ):
             problems.append(f"{candidate.name}: checksum does not match {MANIFEST_NAME} (truncated or altered)")
             continue
         try:
