@@ -31,35 +31,50 @@ vertices (so that the KKT backward is well defined), deterministically and withi
   ``1`` and the ``m`` distinct fractional levels (linearly independent over the rationals for generic scores) lie
   in the rational span of the ``n`` weights, hence ``n >= m + 1``. Pairing complementary bits or a "staircase"
   therefore cannot beat the chain unless marginals coincide exactly.
-* ``"dyadic"``: a decomposition that is exact *to the precision of the scores' dtype* needs far fewer vertices,
-  because then the weights only have to reproduce ``mu`` on the grid ``2^-L``. Round ``mu`` to ``q / 2^L`` and take
-  the binary digit planes of ``q``: plane ``j`` turns on the bits whose ``j``-th binary digit is 1 and has weight
-  ``2^-j``, plus one plane ``[mu = 1]`` of weight ``2^-L``; identical planes are merged. That is at most ``L + 1``
-  vertices whatever ``D`` (``L = dyadic_bits``, by default the mantissa of the scores' dtype: 24 for float32, 52
-  for float64 -- rounding error ``2^-(L+1)``, below that of casting the chain's weights to the dtype). Planes are
-  used only where they are affinely independent (Cholesky pivots of their Gram matrix ``> 1e-3``) and, with a
-  budget, where every plane has at most ``budget`` ones (exactly ``budget`` when it binds, as on the optimal face;
-  digit planes rarely satisfy this once the budget binds, so budgeted SparseMAP mostly stays systematic); other
-  examples fall back to ``"exact"``.
-* ``"auto"`` (default): per example the sparser of the two.
+* Exact *to the precision of the scores' dtype* (``2^-(L+1)``, ``L = precision_bits``: by default the mantissa
+  of the dtype, 24 for float32, capped at 40 for float64, i.e. ~4.5e-13, the level of the systematic
+  decomposition's own rounding) far fewer vertices are needed, because the weights only have to reproduce ``mu``
+  to ``2^-(L+1)``:
+
+  * ``"greedy"``: a largest-step Caratheodory greedy, stopped as soon as the rest is within ``2^-(L+1)``
+    (:mod:`lvzoo.estimators.sparsemap_greedy`): each step takes the feasible vertex nearest the residual point
+    (``[x >= 1/2]``, or its top-``budget`` bits) with the largest weight that keeps the rest feasible. Without a
+    budget each step halves the residual mass, so at most ``L + 1`` vertices whatever ``D``, and each step fixes a
+    coordinate, so never more than the chain; with a budget about ``L + 3`` in practice (every vertex with exactly
+    ``budget`` ones where it binds), where the systematic decomposition needs one vertex per distinct level.
+  * ``"dyadic"``: round ``mu`` to ``q / 2^L`` and take the binary digit planes of ``q``: plane ``j`` turns on the
+    bits whose ``j``-th binary digit is 1 and has weight ``2^-j``, plus one plane ``[mu = 1]`` of weight ``2^-L``;
+    identical planes are merged: at most ``L + 1`` vertices, weights exact powers of two. With a budget it only
+    applies where every plane has at most ``budget`` ones (exactly ``budget`` when it binds), which is rare.
+
+  Both are used only where their vertices are affinely independent (Cholesky pivots of their Gram matrix
+  ``> 1e-3``) and the recomposed marginals are within the precision; other examples fall back to ``"exact"``.
+* ``"auto"`` (default): per example the sparser of ``"greedy"`` and ``"exact"``. On float32 ``N(0, s^2)`` scores it
+  returns no more vertices than the active-set solver in every regime measured (D = 32 and 128, with and without
+  budget, ``s`` = 0.25, 1, 4; ``tests/test_sparsemap_solvers.py``), e.g. ~27 instead of ~60 at D = 128 with budget
+  64 and ``s = 1``.
 * ``"active_set"``: the paper's solver, started from the MAP vertex: a batched primal active-set method (Nocedal &
-  Wright 16.4-16.5; Martins et al. AD3, Sec. 6), lockstep over the batch with ``D + 1`` masked slots. Each
-  iteration either certifies / adds (MAP oracle on ``r = t + 1 - 2 mu``; done when the Frank-Wolfe gap
-  ``max_z <z, r> - <mu, r> <= tol * max(1, max|t|)``, else the oracle vertex joins the active set) or steps towards
-  the solution of the equality-constrained KKT system ``[[M_S, 1], [1^T, 0]] [xi; tau] = [s_S; 1]`` with the
-  blocking-constraint ratio test. It stops at a ``tol``-certified point (marginals accurate to ~1e-10), with a host
-  sync every few iterations (``sparsemap_active_set._CHECK_EVERY``) and tens to hundreds of KKT solves. It also
-  finds sparse supports for the same reason as ``"dyadic"`` (it only has to hit the marginals to ~1e-10), but slowly.
+  Wright 16.4-16.5; Martins et al. AD3, Sec. 6). Each iteration either certifies / adds (MAP oracle on
+  ``r = t + 1 - 2 mu``; done when the Frank-Wolfe gap ``max_z <z, r> - <mu, r> <= tol * max(1, max|t|)``, else the
+  oracle vertex joins the active set) or steps towards the solution of the equality-constrained KKT system
+  ``[[M_S, 1], [1^T, 0]] [xi; tau] = [s_S; 1]`` with the blocking-constraint ratio test. ``M_S^{-1}`` is kept up to
+  date by rank-one updates (O(C^2) per iteration, see :func:`lvzoo.estimators.sparsemap_active_set._active_set`);
+  on CPU certified examples leave the batch, elsewhere the batch runs in lockstep with a host sync every few
+  iterations (``sparsemap_active_set._CHECK_EVERY``). It stops at a ``tol``-certified point (marginals accurate
+  to ~1e-10) after tens to hundreds of iterations. Its supports are sparse for the same reason as ``"greedy"``'s
+  (it only has to hit the marginals to ~1e-10).
 
 ``"auto"`` is the default because for the bit-vector VAE each vertex is a decoder row (a 784-pixel likelihood and its
-backward), which costs more than the extra solver time of ``"auto"``. Supports and solver times per decomposition,
-from an earlier measurement: ``docs/performance/sparsemap.md``.
+backward), which costs more than the few milliseconds of the greedy. Supports and solver times per decomposition and
+regime: ``docs/performance/sparsemap.md``. In float32 every decomposition's weights are rounded to float32 on return,
+so the returned marginals are within ``2^-L`` (greedy: half truncation, half rounding; dyadic weights are exact).
 
 **Backward.** The exact KKT Jacobian on the final active set, in closed form (O(B D)) for the chain and for
 systematic sampling, by one batched dense solve otherwise; see :mod:`lvzoo.estimators.sparsemap_decompositions`.
 
-**Host syncs.** None for the closed-form decompositions on an accelerator (they return ``D + 1`` slots, active
-first; :meth:`SparseMAP.distribution` then has the one inherent ``nonzero``). On CPU, where reading a tensor is
+**Host syncs.** On an accelerator none for ``"exact"`` and ``"dyadic"`` and one every few steps of the greedy
+(``sparsemap_greedy._CHECK_EVERY``); they return all slots, active first (:meth:`SparseMAP.distribution` then has
+the one inherent ``nonzero``). On CPU, where reading a tensor is
 free, the slots are trimmed to the largest support and the batched linear algebra runs only on the examples that
 need it. All solver and KKT arithmetic runs in float64; vertices and weights are returned in the scores' dtype. No
 random numbers are used; the result is deterministic.
@@ -81,23 +96,28 @@ from lvzoo.estimators.sparsemap_decompositions import _closed_form, _gather_slot
 from lvzoo.estimators.validators import int_in, number_in, one_of, optional, positive_int
 
 #: The ways of choosing the SparseMAP distribution (see the module docstring).
-DECOMPOSITIONS = ("auto", "dyadic", "exact", "active_set")
+DECOMPOSITIONS = ("auto", "greedy", "dyadic", "exact", "active_set")
 
 
-#: Largest dyadic precision: grid points ``q / 2^bits`` stay exact in float64 and int64.
-MAX_DYADIC_BITS = 52
+#: Largest precision of ``"greedy"`` and ``"dyadic"``: dyadic grid points ``q / 2^bits`` stay exact in float64.
+MAX_PRECISION_BITS = 52
+
+#: The default precision is the mantissa of the scores' dtype, capped at this (float64: ``2^-41 ~ 4.5e-13``).
+DEFAULT_MAX_PRECISION_BITS = 40
 
 
 @attrs.frozen
 class SparseMAPConfig(EstimatorConfig):
     """``decomposition``: one of :data:`DECOMPOSITIONS` (default ``"auto"``: per example the sparser of
-    ``"dyadic"`` and ``"exact"``); ``dyadic_bits``: precision of the dyadic grid (``None``: the mantissa of the
-    scores' dtype, 24 for float32, capped at 52); ``max_iter``: iterations of the ``"active_set"`` solver (>= 1);
-    ``tol``: its Frank-Wolfe gap tolerance, relative to ``max(1, max|t|)``, in (0, 1)."""
+    ``"greedy"`` and ``"exact"``); ``precision_bits``: ``L``, the marginals of ``"greedy"`` / ``"dyadic"`` are exact
+    to ``2^-(L+1)`` (``None``: the mantissa of the scores' dtype, 24 for float32, capped at
+    :data:`DEFAULT_MAX_PRECISION_BITS`; at most :data:`MAX_PRECISION_BITS`); ``max_iter``: iterations of the
+    ``"active_set"`` solver (>= 1); ``tol``: its Frank-Wolfe gap tolerance, relative to ``max(1, max|t|)``, in
+    (0, 1)."""
 
     decomposition: str = attrs.field(default="auto", validator=one_of(*DECOMPOSITIONS))
-    dyadic_bits: int | None = attrs.field(default=None, validator=optional(int_in(1, MAX_DYADIC_BITS)))
-    max_iter: int = attrs.field(default=300, validator=positive_int)
+    precision_bits: int | None = attrs.field(default=None, validator=optional(int_in(1, MAX_PRECISION_BITS)))
+    max_iter: int = attrs.field(default=1000, validator=positive_int)
     tol: float = attrs.field(default=1e-9, validator=number_in(0, 1, low_open=True, high_open=True))
 
 
@@ -165,14 +185,15 @@ def solve_sparsemap(
     budget: int | None = None,
     *,
     decomposition: str = "auto",
-    dyadic_bits: int | None = None,
-    max_iter: int = 300,
+    precision_bits: int | None = None,
+    max_iter: int = 1000,
     tol: float = 1e-9,
 ) -> SparseMAPSolution:
     """SparseMAP of bit-vector scores ``t [B, D]`` (optionally ``sum(z) <= budget``); see the module docstring.
 
-    ``decomposition`` is one of :data:`DECOMPOSITIONS`; ``dyadic_bits`` defaults to the mantissa bits of ``t``'s
-    dtype (capped at :data:`MAX_DYADIC_BITS`); ``max_iter`` and ``tol`` only apply to ``"active_set"``.
+    ``decomposition`` is one of :data:`DECOMPOSITIONS`; ``precision_bits`` (``"greedy"``, ``"dyadic"``, ``"auto"``)
+    defaults to the mantissa bits of ``t``'s dtype, capped at :data:`DEFAULT_MAX_PRECISION_BITS`; ``max_iter`` and
+    ``tol`` only apply to ``"active_set"``.
     """
     if t.dim() != 2:
         raise ValueError(f"scores must be [B, D], got shape {tuple(t.shape)}")
@@ -180,8 +201,8 @@ def solve_sparsemap(
         raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
     dim = t.shape[1]
     budget = _effective_budget(budget, dim)
-    if dyadic_bits is None:
-        dyadic_bits = min(1 - int(math.log2(torch.finfo(t.dtype).eps)), MAX_DYADIC_BITS)
+    if precision_bits is None:
+        precision_bits = min(1 - int(math.log2(torch.finfo(t.dtype).eps)), DEFAULT_MAX_PRECISION_BITS)
     with torch.no_grad():
         scores = t.detach().to(_WORK_DTYPE)
         if decomposition == "active_set":
@@ -192,7 +213,7 @@ def solve_sparsemap(
             dense_slots = dim + 1
         else:
             vertices_at, weights, nested, crossings, dense_slots = _closed_form(
-                scores, sparsemap_marginals(scores, budget), budget, decomposition, dyadic_bits
+                scores, sparsemap_marginals(scores, budget), budget, decomposition, precision_bits
             )
             active = weights > 0
             iterations, converged = 0, torch.ones_like(nested)
@@ -240,7 +261,7 @@ class SparseMAP(MarginalizingEstimator[SparseMAPConfig]):
             scores,
             space.budget,
             decomposition=self.config.decomposition,
-            dyadic_bits=self.config.dyadic_bits,
+            precision_bits=self.config.precision_bits,
             max_iter=self.config.max_iter,
             tol=self.config.tol,
         )

@@ -2,7 +2,8 @@
 
 Shapes: float64 marginals ``mu [B, D]`` (and scores ``[B, D]``); a decomposition is bool vertices ``[B, C, D]`` and
 weights ``[B, C]``: the threshold chain and systematic sampling (``"exact"``, ``C = D + 1``), the dyadic digit
-planes (``C = L + 1``), and :func:`_closed_form`, which chooses ``"exact"`` / ``"dyadic"`` / ``"auto"`` per example.
+planes (``C = L + 1``), and :func:`_closed_form`, which chooses ``"exact"`` / ``"dyadic"`` / ``"greedy"``
+(:mod:`lvzoo.estimators.sparsemap_greedy`) / ``"auto"`` per example.
 :class:`_KKTWeights` maps the weights ``[B, C]`` of any decomposition, ``"active_set"`` included, to a gradient
 w.r.t. the scores ``[B, D]``. What the decompositions are and why: :mod:`lvzoo.estimators.sparsemap`.
 
@@ -13,10 +14,11 @@ g^T x``. Writing ``x`` through the differences of consecutive vertices turns thi
 (g_k - g_{k-1}) / 2`` with ``y`` in the span of those differences, solved in closed form, O(B D) and without a
 linear solve, for the chain (disjoint blocks) and for systematic sampling (single-bit moves ``e_j - e_{j-1}``:
 cumulative sums over the fractional bits, zero-sum per segment; :func:`_path_kkt_direction`); the few systematic
-examples whose breakpoints tie between separated bits, the dyadic planes and the active-set solutions use one
-batched dense solve of ``M_S`` (``torch.linalg.solve_ex``). For the closed-form decompositions this is the
-derivative of the piecewise-linear construction where the active set is locally constant; for dyadic planes (whose
-digits change under any perturbation) and elsewhere it is the active-set derivative, as in the paper's SparseMAP.
+examples whose breakpoints tie between separated bits, the dyadic planes, the greedy and the active-set solutions
+use one batched dense solve of ``M_S`` (``torch.linalg.solve_ex``). For the closed-form decompositions this is the
+derivative of the piecewise-linear construction where the active set is locally constant; for dyadic planes and the
+greedy (whose vertices change under perturbations) and elsewhere it is the active-set derivative, as in the paper's
+SparseMAP.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lvzoo.estimators.sparsemap_active_set import _WORK_DTYPE, _dense_kkt_direction, _gram
+from lvzoo.estimators.sparsemap_greedy import _greedy_decomposition
 
 #: A dyadic vertex set counts as affinely independent when every Cholesky pivot of its Gram matrix exceeds this.
 _MIN_PIVOT = 1e-3
@@ -252,12 +255,14 @@ def _gather_slots(vertices: Tensor) -> VertexLookup:
 
 
 def _closed_form(
-    scores: Tensor, mu: Tensor, budget: int | None, decomposition: str, dyadic_bits: int
+    scores: Tensor, mu: Tensor, budget: int | None, decomposition: str, bits: int
 ) -> tuple[VertexLookup, Tensor, Tensor, _Crossings | None, int]:
-    """The ``exact`` / ``dyadic`` / ``auto`` decompositions of ``mu [B, D]``, the closed-form marginals of float64
-    ``scores [B, D]`` under the effective ``budget``: ``(vertices_at, weights [B, C], nested [B], crossings,
-    dense_slots)``. The slots are the exact decomposition's ``D + 1`` followed (unless ``exact``) by the dyadic
-    planes; each example has weight on one of the two groups. Chain vertices are only built for the slots asked for."""
+    """The ``exact`` / ``dyadic`` / ``greedy`` / ``auto`` decompositions of ``mu [B, D]``, the closed-form marginals
+    of float64 ``scores [B, D]`` under the effective ``budget``, to precision ``2^-(bits + 1)``: ``(vertices_at,
+    weights [B, C], nested [B], crossings, dense_slots)``. The slots are the exact decomposition's ``D + 1`` followed
+    (unless ``exact``) by the dyadic planes or the greedy vertices (``auto``: greedy); each example has weight on one
+    of the two groups (the second where it is valid, affinely independent and, for ``auto``, sparser). Chain
+    vertices are only built for the slots asked for."""
     dim = scores.shape[1]
     binding = ((scores + 1) / 2).clamp(0, 1).sum(-1, keepdim=True) > (budget or dim)
     crossings: _Crossings | None = None
@@ -273,25 +278,36 @@ def _closed_form(
     nested = torch.full_like(weights[:, 0], budget is None, dtype=torch.bool)
     if decomposition == "exact":
         return exact_at, weights, nested, crossings, 0 if budget is None else dim + 1
-    planes, plane_weights, plane_gram = _dyadic_decomposition(mu, dyadic_bits)
-    on = plane_weights > 0
-    if budget is None:
-        use = torch.ones_like(nested)
-    else:  # on the optimal face every vertex has exactly ``budget`` ones when the budget binds
-        sizes = planes.sum(-1)
-        use = (torch.where(binding, sizes == budget, sizes <= budget) | ~on).all(-1)
+    if decomposition == "dyadic":
+        others, other_weights, gram = _dyadic_decomposition(mu, bits)
+        on = other_weights > 0
+        use = _within_budget(others, on, budget, binding)
+    else:
+        others, other_weights, use = _greedy_decomposition(mu, budget, binding, bits)
+        on = other_weights > 0
+        gram = _gram(others, on)
     if decomposition == "auto":
         use = use & (on.sum(-1) < (weights > 0).sum(-1))
     rows = _rows_where(use)
-    use = use.index_put((rows,), _affinely_independent(plane_gram[rows], on[rows]))
+    use = use.index_put((rows,), _affinely_independent(gram[rows], on[rows]))
     chosen = use.unsqueeze(-1)
-    weights = torch.cat([torch.where(chosen, 0.0, weights), torch.where(chosen, plane_weights, 0.0)], dim=-1)
-    plane_at = _gather_slots(planes)
+    weights = torch.cat([torch.where(chosen, 0.0, weights), torch.where(chosen, other_weights, 0.0)], dim=-1)
+    other_at = _gather_slots(others)
 
     def vertices_at(slots: Tensor) -> Tensor:
-        is_plane = (slots > dim).unsqueeze(-1)
-        return torch.where(is_plane, plane_at((slots - dim - 1).clamp(min=0)), exact_at(slots.clamp(max=dim)))
+        is_other = (slots > dim).unsqueeze(-1)
+        return torch.where(is_other, other_at((slots - dim - 1).clamp(min=0)), exact_at(slots.clamp(max=dim)))
 
     if crossings is not None:
         crossings = crossings._replace(path=crossings.path & ~use)
-    return vertices_at, weights, nested & ~use, crossings, dyadic_bits + 1 if budget is None else dim + 1
+    dense_slots = bits + 1 if budget is None and decomposition == "dyadic" else dim + 1
+    return vertices_at, weights, nested & ~use, crossings, dense_slots
+
+
+def _within_budget(planes: Tensor, on: Tensor, budget: int | None, binding: Tensor) -> Tensor:
+    """``[B]``: every used plane of ``planes [B, C, D]`` (``on [B, C]``) is feasible, with exactly ``budget`` ones
+    where it binds (``binding [B, 1]``), as on the optimal face."""
+    if budget is None:
+        return torch.ones_like(on[:, 0])
+    sizes = planes.sum(-1)
+    return (torch.where(binding, sizes == budget, sizes <= budget) | ~on).all(-1)

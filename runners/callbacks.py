@@ -39,7 +39,7 @@ from tqdm.auto import tqdm  # type: ignore[import-untyped]
 from lvzoo.runners import checkpoint as ckpt
 from lvzoo.runners.errors import ConfigError, one_line
 from lvzoo.runners.plan import RunPlan
-from lvzoo.runners.process import RetryingClient, retry_locked
+from lvzoo.runners.process import RetryingClient, retry_locked, store_creation_lock
 from lvzoo.runners.process import default_tracking_uri as default_tracking_uri
 from lvzoo.runners.process import sqlite_artifact_location as sqlite_artifact_location
 
@@ -113,8 +113,9 @@ class MlflowTracker:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri or default_tracking_uri()
         try:
-            self.client: Any = RetryingClient(retry_locked(MlflowClient, tracking_uri=self.tracking_uri))
-            self.client.search_experiments(max_results=1)  # opens (and if needed creates) the store now
+            with store_creation_lock(self.tracking_uri):  # a new store's tables are created by one process
+                self.client: Any = RetryingClient(retry_locked(MlflowClient, tracking_uri=self.tracking_uri))
+                self.client.search_experiments(max_results=1)  # opens (and if needed creates) the store now
         except Exception as exc:
             raise ConfigError(
                 f"cannot open the tracking store {self.tracking_uri!r}: {type(exc).__name__}: "

@@ -85,6 +85,30 @@ def sqlite_artifact_location(tracking_uri: str) -> str | None:
     return (database.resolve().parent / "mlruns").as_uri()
 
 
+@contextmanager
+def store_creation_lock(tracking_uri: str) -> Iterator[None]:
+    """While active, no other process holding it opens the same ``sqlite:///`` store: an exclusive ``flock`` on
+    ``<database>.lock`` (POSIX; elsewhere, and for other stores, nothing). MLflow creates and migrates a new
+    database's tables when it first opens it, and two processes doing so at once fail with "table ... already
+    exists"."""
+    prefix = "sqlite:///"
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is None or not tracking_uri.startswith(prefix):
+        yield
+        return
+    database = Path(tracking_uri[len(prefix) :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 #: Failures of a tracking call that another process causes and a retry resolves: sqlite's write lock, and two runs
 #: inserting the same dataset or experiment tag at once (MLflow checks, then inserts; on the retry the row exists and
 #: is reused or updated).

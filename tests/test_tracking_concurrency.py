@@ -125,3 +125,35 @@ def test_concurrent_runs_describing_one_experiment_and_dataset_do_not_collide(
     client = MlflowClient(uri)
     for tracker in trackers:
         assert [item.dataset.name for item in client.get_run(tracker.run_id).inputs.dataset_inputs] == ["data"]
+
+
+OPENER = """
+import sys, time
+from pathlib import Path
+from lvzoo.runners.callbacks import MlflowTracker
+uri, go, index = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+while not go.exists():  # every process has imported MLflow: they open the new store together
+    time.sleep(0.01)
+tracker = MlflowTracker(uri)
+tracker.start("fresh", f"opener-{index}", {})
+tracker.end("FINISHED")
+"""
+
+
+def test_processes_creating_a_new_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """Without the creation lock one of them fails with "table experiments already exists"."""
+    uri, go = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    openers = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, uri, str(go), str(i)], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(3)
+    ]
+    time.sleep(8)  # MLflow's import
+    go.touch()
+    errors = [opener.communicate(timeout=300)[1] for opener in openers]
+    assert all(opener.returncode == 0 for opener in openers), errors
+    experiment = MlflowClient(uri).get_experiment_by_name("fresh")
+    assert experiment is not None
+    assert len(MlflowClient(uri).search_runs([experiment.experiment_id])) == 3
