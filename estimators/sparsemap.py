@@ -52,7 +52,9 @@ vertices (so that the KKT backward is well defined), deterministically and withi
 * ``"auto"`` (default): per example the sparser of ``"greedy"`` and ``"exact"``. On float32 ``N(0, s^2)`` scores it
   returns no more vertices than the active-set solver in every regime measured (D = 32 and 128, with and without
   budget, ``s`` = 0.25, 1, 4; ``tests/test_sparsemap_solvers.py``), e.g. ~27 instead of ~60 at D = 128 with budget
-  64 and ``s = 1``.
+  64 and ``s = 1``; at the active set's own precision (float64, ``precision_bits=33``) the active set, which
+  re-optimizes every weight, is up to ~2 vertices sparser where ``D = 32`` or the scores are peaked
+  (``docs/performance/sparsemap.md``).
 * ``"active_set"``: the paper's solver, started from the MAP vertex: a batched primal active-set method (Nocedal &
   Wright 16.4-16.5; Martins et al. AD3, Sec. 6). Each iteration either certifies / adds (MAP oracle on
   ``r = t + 1 - 2 mu``; done when the Frank-Wolfe gap ``max_z <z, r> - <mu, r> <= tol * max(1, max|t|)``, else the

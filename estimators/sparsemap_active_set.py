@@ -120,7 +120,7 @@ class _Working:
         schur = (dim - (cross * h).sum(-1, keepdim=True)).clamp_min(torch.finfo(h.dtype).tiny)
         direction = h - placed
         self.inverse.baddbmm_((direction * (placed.sum(-1, keepdim=True) / schur)).unsqueeze(2), direction.unsqueeze(1))
-        self.vertices.addcmul_(placed.unsqueeze(-1), candidate.unsqueeze(1))
+        self._set_rows(free_slot, add, candidate)
         self.linear.addcmul_(placed, (candidate * self.scores).sum(-1, keepdim=True))
         self.sizes.addcmul_(placed, size)
         self.on += placed
@@ -132,8 +132,7 @@ class _Working:
         solved = torch.bmm(self.inverse, torch.stack([self.linear, self.on], dim=-1))  # [H s_S, H 1]
         p, q = solved.unbind(-1)
         sums = solved.sum(1)
-        tau = (1 - sums[:, :1]) / sums[:, 1:].clamp_min(torch.finfo(p.dtype).tiny)
-        target = torch.addcmul(p, tau, q)
+        target = torch.addcmul(p, (1 - sums[:, :1]) / sums[:, 1:], q)  # 1^T H 1 > 0: H is positive definite
         current = self.weights
         ratios = torch.where(target < 0, current / (current - target), 2.0)
         step, blocker = ratios.min(-1, keepdim=True)
@@ -153,9 +152,16 @@ class _Working:
         scale = torch.where(dropping.unsqueeze(-1), -1 / torch.where(dropping.unsqueeze(-1), pivot, 1.0), 0.0)
         self.inverse.baddbmm_((column * scale).unsqueeze(2), column.unsqueeze(1))
         self.inverse *= kept.unsqueeze(2) * kept.unsqueeze(1)
-        self.vertices *= kept.unsqueeze(-1)
+        self._set_rows(blocker, dropping, torch.zeros_like(self.scores))
         for name in ("weights", "on", "linear", "sizes"):
             setattr(self, name, getattr(self, name) * kept)
+
+    def _set_rows(self, slot: Tensor, change: Tensor, rows: Tensor) -> None:
+        """Write ``rows [b, D]`` into slot ``slot [b, 1]`` of the vertices of the examples with ``change [b]`` (one
+        row per example is touched, not the whole ``[b, w, D]``)."""
+        index = slot.unsqueeze(-1).expand(-1, 1, rows.shape[1])
+        current = self.vertices.gather(1, index).squeeze(1)
+        self.vertices.scatter_(1, index, torch.where(change.unsqueeze(-1), rows, current).unsqueeze(1))
 
     def refresh(self) -> None:
         """Recompute the inverse from scratch (removes the rounding drift of the rank-one updates)."""
@@ -189,6 +195,11 @@ def _active_set(
     iterations = 0
     for iteration in range(max_iter):
         iterations = iteration + 1
+        if iterations % _REFRESH_EVERY == 0:
+            work.refresh()
+        if compact and not bool(work.stationary.any()):
+            work.step()  # every example is still dropping blocked vertices: nothing to certify
+            continue
         # certificate / add, for examples whose weights are optimal on their active set
         mu = torch.bmm(work.weights.unsqueeze(1), work.vertices).squeeze(1)
         residual = work.scores + 1 - 2 * mu
@@ -205,18 +216,15 @@ def _active_set(
                 if work.rows.numel() == 0:
                     break
                 candidate = candidate[~finished]
-            add = work.stationary
-            if bool(add.any()):
+            if bool(work.stationary.any()):
                 if work.on.shape[1] < capacity and bool((work.on[:, -1] > 0).any()):
                     work.grow()  # keep a free slot at the end of the window
-                work.add(add, candidate)
+                work.add(work.stationary, candidate)
         else:
             work.done = work.done | (work.stationary & certified)
             if (iteration == 0 or iterations % _CHECK_EVERY == 0) and bool(work.done.all()):
                 break
             work.add(work.stationary & ~work.done, candidate)
-        if iterations % _REFRESH_EVERY == 0:
-            work.refresh()
         work.step()
     if not compact:
         done = work.done
