@@ -31,10 +31,9 @@ vertices (so that the KKT backward is well defined), deterministically and withi
   ``1`` and the ``m`` distinct fractional levels (linearly independent over the rationals for generic scores) lie
   in the rational span of the ``n`` weights, hence ``n >= m + 1``. Pairing complementary bits or a "staircase"
   therefore cannot beat the chain unless marginals coincide exactly.
-* Exact *to the precision of the scores' dtype* (``2^-(L+1)``, ``L = precision_bits``: by default the mantissa
-  of the dtype, 24 for float32, capped at 40 for float64, i.e. ~4.5e-13, the level of the systematic
-  decomposition's own rounding) far fewer vertices are needed, because the weights only have to reproduce ``mu``
-  to ``2^-(L+1)``:
+* Exact only *to the precision of the scores' dtype*, far fewer vertices suffice, because the weights then only
+  have to reproduce ``mu`` to ``2^-(L+1)`` (``L = precision_bits``: by default the mantissa of the dtype, 24 for
+  float32, capped at 40 for float64, i.e. ~4.5e-13, about the rounding of the float64 systematic decomposition):
 
   * ``"greedy"``: a largest-step Caratheodory greedy, stopped as soon as the rest is within ``2^-(L+1)``
     (:mod:`lvzoo.estimators.sparsemap_greedy`): each step takes the feasible vertex nearest the residual point
@@ -76,10 +75,10 @@ systematic sampling, by one batched dense solve otherwise; see :mod:`lvzoo.estim
 
 **Host syncs.** On an accelerator none for ``"exact"`` and ``"dyadic"`` and one every few steps of the greedy
 (``sparsemap_greedy._CHECK_EVERY``); they return all slots, active first (:meth:`SparseMAP.distribution` then has
-the one inherent ``nonzero``). On CPU, where reading a tensor is
-free, the slots are trimmed to the largest support and the batched linear algebra runs only on the examples that
-need it. All solver and KKT arithmetic runs in float64; vertices and weights are returned in the scores' dtype. No
-random numbers are used; the result is deterministic.
+the one inherent ``nonzero``). On CPU, where reading a tensor is free, the slots are trimmed to the largest
+support and the batched linear algebra runs only on the examples that need it. All solver and KKT arithmetic runs in
+float64; vertices and weights are returned in the scores' dtype. No random numbers are used; the result is
+deterministic.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Shapes: float64 scores ``[B, D]``; vertex sets are 0/1 (or bool) ``vertices [B, C, D]`` with ``active [B, C]``
 slots, their Gram matrices ``M_S`` ``[B, C, C]``, and weights / KKT directions ``[B, C]``. :func:`_active_set`
-works in lockstep over the batch (:class:`_Working`). The method and its stopping rule are described
-in :mod:`lvzoo.estimators.sparsemap`; the dense backward :func:`_dense_kkt_direction` also serves the dyadic
-decompositions (:mod:`lvzoo.estimators.sparsemap_decompositions`).
+works on the batch at once (:class:`_Working`: compacted on CPU, in lockstep elsewhere). The method and its
+stopping rule are described in :mod:`lvzoo.estimators.sparsemap`; the dense backward :func:`_dense_kkt_direction`
+also serves the dyadic and greedy decompositions (:mod:`lvzoo.estimators.sparsemap_decompositions`).
 """
 
 from __future__ import annotations
@@ -60,12 +60,13 @@ def _dense_kkt_direction(vertices: Tensor, active: Tensor, grad_weights: Tensor)
 class _Working:
     """The active-set state of the examples still being solved, ``b`` of them with a window of ``w`` slots.
 
-    ``rows [b]`` (their batch indices), 0/1 ``vertices [b, w, D]`` (zero on free slots), ``weights [b, w]``,
-    ``on [b, w]`` (1.0 on active slots), per slot ``linear`` (``<z, t>``) and ``sizes`` (``|z|``) ``[b, w]`` (zero
-    on free slots), ``inverse [b, w, w]`` (``M_S^{-1}``, zero outside the active slots), ``stationary [b]`` (weights
-    optimal on the active set), ``done [b]`` (certified; always false on CPU, where certified examples leave), and
-    the per-example certificate ``threshold [b]`` and oracle ``tie [b, 1]``. All contiguous, so that the batched
-    products run as single kernels; few operations per iteration, as the loop is bound by their overhead.
+    ``rows [b]`` (their batch indices), 0/1 ``vertices [b, w, D]``, ``weights [b, w]``, ``on [b, w]`` (1.0 on
+    active slots), per slot ``linear`` (``<z, t>``) and ``sizes`` (``|z|``) ``[b, w]`` (free slots hold stale
+    values, which ``on`` and the zero rows of the inverse mask), ``inverse [b, w, w]`` (``M_S^{-1}``, zero outside
+    the active slots), ``stationary [b]`` (weights optimal on the active set), ``done [b]`` (certified; always false
+    when compacting, as certified examples leave), and the per-example certificate ``threshold [b]`` and oracle
+    ``tie [b, 1]``. All contiguous, so that the batched products run as single kernels; few operations per
+    iteration, as the loop is bound by their overhead.
     """
 
     _PER_EXAMPLE: tuple[str, ...] = ("rows", "scores", "threshold", "tie", "vertices", "weights", "on", "linear")
@@ -111,25 +112,26 @@ class _Working:
         """Put ``candidate [b, D]`` into the first free slot of the examples with ``add [b]`` (weight 0), updating
         the inverse by the bordered-matrix formula."""
         dim = candidate.shape[1]
-        free_slot = (self.on == 0).to(torch.int8).argmax(-1, keepdim=True)
-        placed = torch.zeros_like(self.on).scatter_(1, free_slot, add.to(self.on.dtype).unsqueeze(-1))
+        free_slot = self.on.argmin(-1, keepdim=True)  # the first free slot: the window always has one
+        adding = add.to(self.on.dtype).unsqueeze(-1)
+        placed = torch.zeros_like(self.on).scatter_(1, free_slot, adding)
         size = candidate.sum(-1, keepdim=True)
         overlaps = torch.bmm(self.vertices, candidate.unsqueeze(-1)).squeeze(-1)
         cross = (2 * overlaps - self.sizes - size + dim) * self.on  # M_{S, v}
         h = torch.bmm(self.inverse, cross.unsqueeze(-1)).squeeze(-1)
-        schur = (dim - (cross * h).sum(-1, keepdim=True)).clamp_min(torch.finfo(h.dtype).tiny)
+        schur = (dim - torch.linalg.vecdot(cross, h).unsqueeze(-1)).clamp_min(torch.finfo(h.dtype).tiny)
         direction = h - placed
-        self.inverse.baddbmm_((direction * (placed.sum(-1, keepdim=True) / schur)).unsqueeze(2), direction.unsqueeze(1))
-        self._set_rows(free_slot, add, candidate)
-        self.linear.addcmul_(placed, (candidate * self.scores).sum(-1, keepdim=True))
-        self.sizes.addcmul_(placed, size)
+        self.inverse.baddbmm_((direction * (adding / schur)).unsqueeze(2), direction.unsqueeze(1))
+        self.vertices = torch.lerp(self.vertices, candidate.unsqueeze(1), placed.unsqueeze(-1))
+        self.linear = torch.lerp(self.linear, torch.linalg.vecdot(candidate, self.scores).unsqueeze(-1), placed)
+        self.sizes = torch.lerp(self.sizes, size, placed)
         self.on += placed
 
     def step(self) -> None:
         """For the examples not done: step from the weights towards the KKT point of the active set, as far as the
         weights stay nonnegative (then ``stationary``); a blocking vertex leaves the active set (inverse
         downdated, its slot freed)."""
-        solved = torch.bmm(self.inverse, torch.stack([self.linear, self.on], dim=-1))  # [H s_S, H 1]
+        solved = torch.bmm(self.inverse, torch.stack([self.linear, self.on], dim=-1))  # [H s_S, H 1]: 0 off S
         p, q = solved.unbind(-1)
         sums = solved.sum(1)
         target = torch.addcmul(p, (1 - sums[:, :1]) / sums[:, 1:], q)  # 1^T H 1 > 0: H is positive definite
@@ -146,22 +148,14 @@ class _Working:
             self.weights = torch.where(self.done.unsqueeze(-1), current, moved)
             self.stationary = full | self.done
             dropping = ~self.stationary
-        kept = 1 - torch.zeros_like(self.on).scatter_(1, blocker, dropping.to(self.on.dtype).unsqueeze(-1))
-        column = self.inverse.gather(2, blocker.unsqueeze(1).expand(-1, kept.shape[1], 1)).squeeze(2)
-        pivot = column.gather(1, blocker)
-        scale = torch.where(dropping.unsqueeze(-1), -1 / torch.where(dropping.unsqueeze(-1), pivot, 1.0), 0.0)
-        self.inverse.baddbmm_((column * scale).unsqueeze(2), column.unsqueeze(1))
+        leaving = dropping.to(self.on.dtype).unsqueeze(-1)
+        column = self.inverse.gather(2, blocker.unsqueeze(1).expand(-1, self.on.shape[1], 1)).squeeze(2)
+        pivot = torch.where(dropping.unsqueeze(-1), column.gather(1, blocker), 1.0)
+        self.inverse.baddbmm_((column * (-leaving / pivot)).unsqueeze(2), column.unsqueeze(1))
+        kept = 1 - torch.zeros_like(self.on).scatter_(1, blocker, leaving)
         self.inverse *= kept.unsqueeze(2) * kept.unsqueeze(1)
-        self._set_rows(blocker, dropping, torch.zeros_like(self.scores))
-        for name in ("weights", "on", "linear", "sizes"):
-            setattr(self, name, getattr(self, name) * kept)
-
-    def _set_rows(self, slot: Tensor, change: Tensor, rows: Tensor) -> None:
-        """Write ``rows [b, D]`` into slot ``slot [b, 1]`` of the vertices of the examples with ``change [b]`` (one
-        row per example is touched, not the whole ``[b, w, D]``)."""
-        index = slot.unsqueeze(-1).expand(-1, 1, rows.shape[1])
-        current = self.vertices.gather(1, index).squeeze(1)
-        self.vertices.scatter_(1, index, torch.where(change.unsqueeze(-1), rows, current).unsqueeze(1))
+        self.weights = self.weights * kept
+        self.on = self.on * kept
 
     def refresh(self) -> None:
         """Recompute the inverse from scratch (removes the rounding drift of the rank-one updates)."""
