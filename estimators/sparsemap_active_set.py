@@ -18,6 +18,9 @@ _CHECK_EVERY = 4
 #: The active-set solver recomputes its inverse Gram matrix from scratch every this many iterations.
 _REFRESH_EVERY = 64
 
+#: When compacting, the slot window grows by this many slots at a time.
+_GROW_BY = 8
+
 #: All solver and KKT arithmetic runs in this dtype.
 _WORK_DTYPE = torch.float64
 
@@ -30,7 +33,7 @@ def _map_oracle(r: Tensor, budget: int | None, tie: Tensor | float = 0.0) -> Ten
     """
     if budget is None:
         return (r > tie).to(r.dtype)
-    top_values, top_index = r.topk(budget, dim=-1)
+    top_values, top_index = r.topk(budget, dim=-1, sorted=False)
     return torch.zeros_like(r).scatter(-1, top_index, (top_values > tie).to(r.dtype))
 
 
@@ -99,13 +102,13 @@ class _Working:
         for name in self._PER_EXAMPLE:
             setattr(self, name, getattr(self, name)[mask])
 
-    def grow(self) -> None:
-        """One more (free) slot."""
+    def grow(self, slots: int) -> None:
+        """``slots`` more (free) slots."""
         pad = torch.nn.functional.pad
-        self.vertices = pad(self.vertices, (0, 0, 0, 1))
-        self.inverse = pad(self.inverse, (0, 1, 0, 1))
+        self.vertices = pad(self.vertices, (0, 0, 0, slots))
+        self.inverse = pad(self.inverse, (0, slots, 0, slots))
         self.weights, self.on, self.linear, self.sizes = (
-            pad(x, (0, 1)) for x in (self.weights, self.on, self.linear, self.sizes)
+            pad(x, (0, slots)) for x in (self.weights, self.on, self.linear, self.sizes)
         )
 
     def add(self, add: Tensor, candidate: Tensor) -> None:
@@ -116,9 +119,9 @@ class _Working:
         adding = add.to(self.on.dtype).unsqueeze(-1)
         placed = torch.zeros_like(self.on).scatter_(1, free_slot, adding)
         size = candidate.sum(-1, keepdim=True)
-        overlaps = torch.bmm(self.vertices, candidate.unsqueeze(-1)).squeeze(-1)
+        overlaps = torch.bmm(candidate.unsqueeze(1), self.vertices.transpose(1, 2)).squeeze(1)  # row form: faster
         cross = (2 * overlaps - self.sizes - size + dim) * self.on  # M_{S, v}
-        h = torch.bmm(self.inverse, cross.unsqueeze(-1)).squeeze(-1)
+        h = torch.bmm(cross.unsqueeze(1), self.inverse).squeeze(1)  # H is symmetric
         schur = (dim - torch.linalg.vecdot(cross, h).unsqueeze(-1)).clamp_min(torch.finfo(h.dtype).tiny)
         direction = h - placed
         self.inverse.baddbmm_((direction * (adding / schur)).unsqueeze(2), direction.unsqueeze(1))
@@ -131,9 +134,9 @@ class _Working:
         """For the examples not done: step from the weights towards the KKT point of the active set, as far as the
         weights stay nonnegative (then ``stationary``); a blocking vertex leaves the active set (inverse
         downdated, its slot freed)."""
-        solved = torch.bmm(self.inverse, torch.stack([self.linear, self.on], dim=-1))  # [H s_S, H 1]: 0 off S
-        p, q = solved.unbind(-1)
-        sums = solved.sum(1)
+        solved = torch.bmm(torch.stack([self.linear, self.on], dim=1), self.inverse)  # [H s_S, H 1]: 0 off S
+        p, q = solved.unbind(1)
+        sums = solved.sum(-1)
         target = torch.addcmul(p, (1 - sums[:, :1]) / sums[:, 1:], q)  # 1^T H 1 > 0: H is positive definite
         current = self.weights
         ratios = torch.where(target < 0, current / (current - target), 2.0)
@@ -149,7 +152,7 @@ class _Working:
             self.stationary = full | self.done
             dropping = ~self.stationary
         leaving = dropping.to(self.on.dtype).unsqueeze(-1)
-        column = self.inverse.gather(2, blocker.unsqueeze(1).expand(-1, self.on.shape[1], 1)).squeeze(2)
+        column = self.inverse.gather(1, blocker.unsqueeze(-1).expand(-1, 1, self.on.shape[1])).squeeze(1)
         pivot = torch.where(dropping.unsqueeze(-1), column.gather(1, blocker), 1.0)
         self.inverse.baddbmm_((column * (-leaving / pivot)).unsqueeze(2), column.unsqueeze(1))
         kept = 1 - torch.zeros_like(self.on).scatter_(1, blocker, leaving)
@@ -161,7 +164,7 @@ class _Working:
         """Recompute the inverse from scratch (removes the rounding drift of the rank-one updates)."""
         on = self.on
         fresh = torch.linalg.inv_ex(_gram(self.vertices, on > 0))[0]
-        self.inverse = fresh * (on.unsqueeze(2) * on.unsqueeze(1))
+        self.inverse = (fresh + fresh.transpose(1, 2)) * (on.unsqueeze(2) * on.unsqueeze(1) / 2)  # kept symmetric
 
 
 def _active_set(
@@ -212,7 +215,7 @@ def _active_set(
                 candidate = candidate[~finished]
             if bool(work.stationary.any()):
                 if work.on.shape[1] < capacity and bool((work.on[:, -1] > 0).any()):
-                    work.grow()  # keep a free slot at the end of the window
+                    work.grow(min(_GROW_BY, capacity - work.on.shape[1]))  # keep a free slot in the window
                 work.add(work.stationary, candidate)
         else:
             work.done = work.done | (work.stationary & certified)

@@ -48,7 +48,7 @@ def _greedy_vertex(x: Tensor, budget: int | None, binding: Tensor) -> Tensor:
     rounded = x >= 0.5
     if budget is None:
         return rounded
-    top = torch.zeros_like(rounded).scatter_(1, x.topk(budget, dim=-1).indices, True)
+    top = torch.zeros_like(rounded).scatter_(1, x.topk(budget, dim=-1, sorted=False).indices, True)
     return torch.where((binding | (rounded.sum(-1) > budget)).unsqueeze(-1), top, rounded)
 
 
