@@ -33,7 +33,7 @@ vertices (so that the KKT backward is well defined), deterministically and withi
   therefore cannot beat the chain unless marginals coincide exactly.
 * Exact only *to the precision of the scores' dtype*, far fewer vertices suffice, because the weights then only
   have to reproduce ``mu`` to ``2^-(L+1)`` (``L = precision_bits``: by default the mantissa of the dtype, 24 for
-  float32, capped at 40 for float64, i.e. ~4.5e-13, about the rounding of the float64 systematic decomposition):
+  float32, capped at 40 for float64, i.e. ~4.5e-13, far below the active set's typical ~1e-10):
 
   * ``"greedy"``: a largest-step Caratheodory greedy, stopped as soon as the rest is within ``2^-(L+1)``
     (:mod:`lvzoo.estimators.sparsemap_greedy`): each step takes the feasible vertex nearest the residual point
@@ -61,14 +61,18 @@ vertices (so that the KKT backward is well defined), deterministically and withi
   ``[[M_S, 1], [1^T, 0]] [xi; tau] = [s_S; 1]`` with the blocking-constraint ratio test. ``M_S^{-1}`` is kept up to
   date by rank-one updates (O(C^2) per iteration, see :func:`lvzoo.estimators.sparsemap_active_set._active_set`);
   on CPU certified examples leave the batch, elsewhere the batch runs in lockstep with a host sync every few
-  iterations (``sparsemap_active_set._CHECK_EVERY``). It stops at a ``tol``-certified point (marginals accurate
-  to ~1e-10) after tens to hundreds of iterations. Its supports are sparse for the same reason as ``"greedy"``'s
-  (it only has to hit the marginals to ~1e-10).
+  iterations (``sparsemap_active_set._CHECK_EVERY``). It stops at a ``tol``-certified point after tens to hundreds
+  of iterations (marginals typically accurate to ~1e-10; the certificate bounds their error by
+  ``sqrt(tol * max(1, max|t|))``); an example whose nearly dependent active set stops rounding from making progress
+  even after a fresh inverse stops early, reported unconverged. Its supports are sparse for the same reason as
+  ``"greedy"``'s (it only has to hit the marginals to ~1e-10).
 
 ``"auto"`` is the default because for the bit-vector VAE each vertex is a decoder row (a 784-pixel likelihood and its
 backward), which costs more than the few milliseconds of the greedy. Supports and solver times per decomposition and
 regime: ``docs/performance/sparsemap.md``. In float32 every decomposition's weights are rounded to float32 on return,
-so the returned marginals are within ``2^-L`` (greedy: half truncation, half rounding; dyadic weights are exact).
+which moves a marginal by up to ``2^-24`` (each weight's relative rounding, summed over weights that sum to 1): the
+returned marginals are within ``1.5 * 2^-24`` for ``"greedy"`` (its ``2^-25`` truncation plus the rounding), ``2^-24``
+for ``"exact"`` and the active set, and ``2^-25`` for ``"dyadic"`` (powers of two round exactly).
 
 **Backward.** The exact KKT Jacobian on the final active set, in closed form (O(B D)) for the chain and for
 systematic sampling, by one batched dense solve otherwise; see :mod:`lvzoo.estimators.sparsemap_decompositions`.

@@ -73,7 +73,7 @@ class _Working:
     """
 
     _PER_EXAMPLE: tuple[str, ...] = ("rows", "scores", "threshold", "tie", "vertices", "weights", "on", "linear")
-    _PER_EXAMPLE += ("sizes", "inverse", "stationary", "done")
+    _PER_EXAMPLE += ("sizes", "inverse", "stationary", "done", "added", "added_slot", "retried", "stalled")
 
     def __init__(self, scores: Tensor, first: Tensor, width: int, tol: float, compact: bool) -> None:
         batch, dim = scores.shape
@@ -96,6 +96,18 @@ class _Working:
         self.inverse[:, 0, 0] = 1.0 / dim  # M_zz = D
         self.stationary = torch.ones(batch, dtype=torch.bool, device=scores.device)
         self.done = torch.zeros_like(self.stationary)
+        self.added, self.added_slot = torch.zeros_like(self.stationary), torch.zeros_like(self.rows).unsqueeze(-1)
+        self.retried, self.stalled = torch.zeros_like(self.stationary), torch.zeros_like(self.stationary)
+        self.refresh_wanted = torch.zeros((), dtype=torch.bool, device=scores.device)
+
+    def stall(self, stuck: Tensor) -> None:
+        """The examples with ``stuck [b]`` cannot progress as the (rounded) inverse says they should: a new vertex
+        whose KKT weight is not positive, or an uncertified stationary point on all ``D + 1`` slots. Both are
+        impossible in exact arithmetic, so the inverse is refreshed; an example stuck again right after a refresh
+        is ``stalled`` (it stops, unconverged)."""
+        self.stalled = self.stalled | (stuck & self.retried)
+        self.retried = self.retried | stuck
+        self.refresh_wanted = self.refresh_wanted | stuck.any()
 
     def keep(self, mask: Tensor) -> None:
         """Keep only the examples with ``mask [b]`` (CPU: the finished ones have been written out)."""
@@ -116,6 +128,7 @@ class _Working:
         the inverse by the bordered-matrix formula."""
         dim = candidate.shape[1]
         free_slot = self.on.argmin(-1, keepdim=True)  # the first free slot: the window always has one
+        self.added, self.added_slot = add, free_slot
         adding = add.to(self.on.dtype).unsqueeze(-1)
         placed = torch.zeros_like(self.on).scatter_(1, free_slot, adding)
         size = candidate.sum(-1, keepdim=True)
@@ -138,6 +151,10 @@ class _Working:
         p, q = solved.unbind(1)
         sums = solved.sum(-1)
         target = torch.addcmul(p, (1 - sums[:, :1]) / sums[:, 1:], q)  # 1^T H 1 > 0: H is positive definite
+        rejected = self.added & (target.gather(1, self.added_slot).squeeze(1) <= 0)
+        self.stall(rejected)
+        self.retried = self.retried & ~(self.added & ~rejected)  # a vertex that joined: progress
+        self.added = torch.zeros_like(self.added)
         current = self.weights
         ratios = torch.where(target < 0, current / (current - target), 2.0)
         step, blocker = ratios.min(-1, keepdim=True)
@@ -165,6 +182,7 @@ class _Working:
         on = self.on
         fresh = torch.linalg.inv_ex(_gram(self.vertices, on > 0))[0]
         self.inverse = (fresh + fresh.transpose(1, 2)) * (on.unsqueeze(2) * on.unsqueeze(1) / 2)  # kept symmetric
+        self.refresh_wanted = torch.zeros_like(self.refresh_wanted)
 
 
 def _active_set(
@@ -192,7 +210,8 @@ def _active_set(
     iterations = 0
     for iteration in range(max_iter):
         iterations = iteration + 1
-        if iterations % _REFRESH_EVERY == 0:
+        checking = compact or iteration == 0 or iterations % _CHECK_EVERY == 0  # host syncs allowed now
+        if iterations % _REFRESH_EVERY == 0 or (checking and bool(work.refresh_wanted)):
             work.refresh()
         if compact and not bool(work.stationary.any()):
             work.step()  # every example is still dropping blocked vertices: nothing to certify
@@ -202,13 +221,15 @@ def _active_set(
         residual = work.scores + 1 - 2 * mu
         candidate = _map_oracle(residual, budget, work.tie)
         certified = ((candidate - mu) * residual).sum(-1) <= work.threshold
-        if work.on.shape[1] == capacity:
-            certified = certified | (work.on.sum(-1) == capacity)
+        if work.on.shape[1] == capacity:  # an uncertified stationary point on all D + 1 slots
+            stuck = work.stationary & ~certified & (work.on.sum(-1) == capacity) & ~work.done
+            work.stall(stuck)
+            work.stationary = work.stationary & ~stuck
         if compact:
-            finished = work.stationary & certified
+            finished = (work.stationary & certified) | work.stalled
             if bool(finished.any()):
                 _write_out(work, finished, out_vertices, out_weights)
-                done[work.rows[finished]] = True
+                done[work.rows[finished & ~work.stalled]] = True
                 work.keep(~finished)
                 if work.rows.numel() == 0:
                     break
@@ -218,13 +239,13 @@ def _active_set(
                     work.grow(min(_GROW_BY, capacity - work.on.shape[1]))  # keep a free slot in the window
                 work.add(work.stationary, candidate)
         else:
-            work.done = work.done | (work.stationary & certified)
-            if (iteration == 0 or iterations % _CHECK_EVERY == 0) and bool(work.done.all()):
+            work.done = work.done | (work.stationary & certified) | work.stalled
+            if checking and bool(work.done.all()):
                 break
             work.add(work.stationary & ~work.done, candidate)
         work.step()
     if not compact:
-        done = work.done
+        done = work.done & ~work.stalled
     if work.rows.numel() > 0:
         _write_out(work, torch.ones_like(work.stationary), out_vertices, out_weights)
     return out_vertices, out_weights, out_weights > 0, iterations, done

@@ -100,9 +100,10 @@ def _systematic_decomposition(mu: Tensor, budget: int, binding: Tensor) -> tuple
     With ``c_j = mu_1 + ... + mu_j = n_j + f_j`` (integer and fractional parts, ``c_0 = 0``) and the offsets' sorted
     breakpoints ``f_(0) <= ... <= f_(D)``, the vertex of offset interval ``k = [f_(k), f_(k+1))`` has bit ``i`` equal
     to ``(n_i - n_{i-1}) + [rank(i) > k] - [rank(i-1) > k]``; all in exact int64 arithmetic on a dyadic grid.
-    Where the budget is ``binding [B, 1]`` the grid total is made exactly ``budget`` (the rounding shortfall goes to
-    the fractional bit with the most room), so every vertex has exactly ``budget`` bits on, as on the optimal face;
-    elsewhere only an excess from float rounding is removed.
+    Where the budget is ``binding [B, 1]`` the grid total is made exactly ``budget`` (the bits with the largest
+    rounding remainders are rounded up instead of down, so every marginal is within one grid tick), so every vertex
+    has exactly ``budget`` bits on, as on the optimal face; an excess from float rounding (here and where the budget
+    does not bind) is removed from the fractional bit with the most mass.
 
     Also returns the :class:`_Crossings` of the construction, for the structured backward.
     """
@@ -112,6 +113,12 @@ def _systematic_decomposition(mu: Tensor, budget: int, binding: Tensor) -> tuple
     ticks = torch.floor(mu * scale).to(torch.int64)
     shortfall = budget * scale - ticks.sum(-1, keepdim=True)
     change = torch.where(binding, shortfall, shortfall.clamp(max=0))
+    # largest remainders first: the floors' shortfall (fewer ticks than bits with a remainder) rounds those bits up
+    remainder = torch.where(ticks < scale, mu * scale - ticks, -1.0)
+    rank = remainder.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    rounded_up = (rank < change.clamp(min=0)) & (ticks < scale)
+    ticks = ticks + rounded_up
+    change = change - rounded_up.sum(-1, keepdim=True)  # 0, or an excess from float rounding of sum(mu)
     fractional = (ticks > 0) & (ticks < scale)
     most_room = torch.where(fractional, ticks, scale).argmin(-1, keepdim=True)
     most_mass = torch.where(fractional, ticks, -1).argmax(-1, keepdim=True)

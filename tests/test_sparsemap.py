@@ -440,7 +440,7 @@ def test_auto_picks_the_sparser_decomposition(budget: int | None) -> None:
     assert bool((auto.active.sum(-1) <= 30).all()) and bool((exact.active.sum(-1) > 90).all())
     recomposed = torch.einsum("bc,bcd->bd", auto.weights.detach().double(), auto.vertices.double())
     error = (recomposed - sparsemap_marginals(t.double(), budget)).abs().max()
-    assert float(error) <= 2**-24  # half truncation, half rounding the weights to float32
+    assert float(error) <= 1.5 * 2**-24  # the greedy's 2^-25 truncation + rounding weights summing to 1 to float32
     small = _scores(6, 4, seed=18)
     assert torch.equal(solve_sparsemap(small).active, solve_sparsemap(small, decomposition="exact").active)
 

@@ -43,7 +43,8 @@ def test_default_is_no_less_sparse_than_the_active_set(batch: int, bits: int, bu
     assert _support(default) <= _support(reference)
     for solution in (default, reference):
         recomposed = torch.einsum("bc,bcd->bd", solution.weights.detach().double(), solution.vertices.double())
-        assert float((recomposed - sparsemap_marginals(t.double(), budget)).abs().max()) <= 2**-24
+        bound = 1.5 * 2**-24  # truncation (2^-25, greedy) + rounding weights that sum to 1 to float32 (2^-24)
+        assert float((recomposed - sparsemap_marginals(t.double(), budget)).abs().max()) <= bound
     if bits == 128 and scale <= 1:  # the flat and normal regimes: far sparser than the active set
         assert _support(default) <= 0.65 * _support(reference)
 
@@ -86,3 +87,14 @@ def test_lower_precision_buys_sparsity() -> None:
         _support(solve_sparsemap(t, 64, decomposition="greedy", precision_bits=bits)) for bits in (8, 16, 24, 40)
     ]
     assert supports == sorted(supports) and supports[0] < 12 and supports[-1] < 60
+
+
+@pytest.mark.parametrize("budget", [1, 32])
+def test_systematic_marginals_are_within_one_grid_tick(budget: int) -> None:
+    """Near-tied scores at D = 128: the floors' shortfall is spread over the bits with the largest remainders (it
+    once went to a single bit, 5e-12 off); each marginal is within one tick of the grid ``2^-(52 - 8)``."""
+    t = torch.randint(-3, 4, (6, 128), generator=torch.Generator().manual_seed(37)).double() * 1e-9
+    solution = solve_sparsemap(t, budget, decomposition="exact")
+    recomposed = torch.einsum("bc,bcd->bd", solution.weights.detach(), solution.vertices)
+    assert float((recomposed - sparsemap_marginals(t, budget)).abs().max()) <= 2.0**-44
+    assert bool((solution.vertices.sum(-1)[solution.active] == budget).all())  # the budget binds here
