@@ -15,7 +15,7 @@ from lvzoo.estimators.disarm import DisARM, DisARMConfig
 from lvzoo.estimators.distributions import BernoulliDistribution
 from lvzoo.estimators.score_function import RLOO, RLOOConfig, ScoreFunction, ScoreFunctionConfig
 from lvzoo.estimators.spaces import BitVector, Categorical
-from tests.oracle import QuadraticDecoderLoss, exact_gradient, gibbs_probs
+from tests.oracle import QuadraticDecoderLoss, gibbs_probs
 from tests.test_score_function import (
     EXAMPLES,
     Z_MAX,
@@ -24,6 +24,7 @@ from tests.test_score_function import (
     draw_gradients,
     make_scores,
     max_z_score,
+    seeded_gradient_problem,
     total_variance,
 )
 
@@ -43,10 +44,7 @@ def test_disarm_gradients_are_unbiased(space: BitVector) -> None:
 def test_disarm_is_unbiased_for_peaked_scores() -> None:
     """|t| up to ~5 (sigmoid(|t|) near 1, b != b~ rare): still unbiased."""
     space = BitVector(3)
-    torch.manual_seed(0)
-    scores = make_scores(space, scale=2.5)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
-    exact = exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
+    scores, decoder, exact = seeded_gradient_problem(space, scale=2.5)
     score_draws, _ = draw_gradients(DisARM(space), scores, decoder, replicas=2000, groups=10)
     assert max_z_score(score_draws, exact) < Z_MAX
 

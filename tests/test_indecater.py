@@ -17,7 +17,7 @@ from lvzoo.estimators.distributions import EncoderDistribution
 from lvzoo.estimators.indecater import IndeCateR, IndeCateRConfig
 from lvzoo.estimators.score_function import RLOO, RLOOConfig
 from lvzoo.estimators.spaces import BitVector, Categorical, LatentSpace
-from tests.oracle import QuadraticDecoderLoss, exact_expectation, exact_gradient, gibbs_probs
+from tests.oracle import QuadraticDecoderLoss, exact_expectation, gibbs_probs
 from tests.test_score_function import (
     EXAMPLES,
     Z_MAX,
@@ -57,10 +57,7 @@ def test_bit_vector_gradients_are_unbiased(space: BitVector) -> None:
 
 def test_several_shared_samples_and_peaked_scores_stay_unbiased() -> None:
     space = BitVector(3)
-    torch.manual_seed(0)
-    scores = make_scores(space, scale=2.5)
-    decoder = QuadraticDecoderLoss(space, EXAMPLES)
-    exact = exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
+    scores, decoder, exact = seeded_gradient_problem(space, scale=2.5)
     estimator = IndeCateR(space, IndeCateRConfig(samples=3))
     score_draws, decoder_draws = draw_gradients(estimator, scores, decoder, replicas=1000, groups=10)
     assert max_z_score(score_draws, exact) < Z_MAX

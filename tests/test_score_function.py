@@ -86,11 +86,11 @@ def draw_gradients(
     return torch.cat(score_draws), torch.stack(decoder_draws)
 
 
-def seeded_gradient_problem(space: LatentSpace) -> tuple[Tensor, QuadraticDecoderLoss, Tensor]:
+def seeded_gradient_problem(space: LatentSpace, scale: float = 1.0) -> tuple[Tensor, QuadraticDecoderLoss, Tensor]:
     """Seed the global RNG (0) and return ``(scores [B, N], decoder, exact score gradient [B, N])`` of the test
-    problem on ``space``."""
+    problem on ``space``, scores scaled by ``scale``."""
     torch.manual_seed(0)
-    scores = make_scores(space)
+    scores = make_scores(space, scale=scale)
     decoder = QuadraticDecoderLoss(space, EXAMPLES)
     return scores, decoder, exact_gradient(space, scores, lambda s: gibbs_probs(space, s), decoder)
 
