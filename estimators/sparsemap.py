@@ -78,7 +78,7 @@ for ``"exact"`` and the active set, and ``2^-25`` for ``"dyadic"`` (powers of tw
 systematic sampling, by one batched dense solve otherwise; see :mod:`lvzoo.estimators.sparsemap_decompositions`.
 
 **Host syncs.** On an accelerator none for ``"exact"`` and ``"dyadic"`` and one every few steps of the greedy
-(``sparsemap_greedy._CHECK_EVERY``); they return all slots, active first (:meth:`SparseMAP.distribution` then has
+(``sparsemap_active_set._CHECK_EVERY``); they return all slots, active first (:meth:`SparseMAP.distribution` then has
 the one inherent ``nonzero``). On CPU, where reading a tensor is free, the slots are trimmed to the largest
 support and the batched linear algebra runs only on the examples that need it. All solver and KKT arithmetic runs in
 float64; vertices and weights are returned in the scores' dtype. No random numbers are used; the result is

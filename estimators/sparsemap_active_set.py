@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: After the first iteration, convergence (a host sync) is checked every this many iterations.
+#: After the first iteration, convergence (a host sync) is checked every this many iterations off CPU (the greedy
+#: decomposition uses the same cadence for its steps).
 _CHECK_EVERY = 4
 
 #: The active-set solver recomputes its inverse Gram matrix from scratch every this many iterations.

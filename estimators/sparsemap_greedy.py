@@ -34,9 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Off CPU, whether all examples have stopped (a host sync) is checked every this many greedy steps (on CPU, where
-#: the check is free, at every step).
-_CHECK_EVERY = 4
+from lvzoo.estimators.sparsemap_active_set import _CHECK_EVERY
 
 #: Rounding allowance of the float64 recomposition ``sum_t w_t v_t`` in the validity check of the greedy.
 _RECOMPOSITION_SLACK = 1e-13
@@ -93,6 +91,7 @@ def _greedy_decomposition(mu: Tensor, budget: int | None, binding: Tensor, bits:
         rho = rho * (1 - step_width.squeeze(-1))
         binding = binding | capped
         stopped = stopped | stop
+        # off CPU a host sync every _CHECK_EVERY steps, as in the active set; on CPU (free) at every step
         if (on_cpu or step % _CHECK_EVERY == _CHECK_EVERY - 1) and bool(stopped.all()):
             break
     stacked, weight = torch.stack(vertices, dim=1), torch.stack(weights, dim=1)
